@@ -1,0 +1,49 @@
+"""Model registry: `MODELS[name](num_classes, cfg=..., **kw)` -> linen module taking NHWC images.
+
+| name | input | nodes | blocks x dim |
+|---|---|---|---|
+| vig_ti_224 / vig_s_224 / vig_b_224 | 224x224x3 | 14x14 | 12x192 / 16x320 / 16x640 |
+| pvig_ti_224 / pvig_s_224 / pvig_m_224 / pvig_b_224 | 224x224x3 | pyramid | see pvig.py |
+| vig_ti_32 | 32x32x3 (stride-4 stem) | 8x8 | 12x192 |
+| vig_tiny_28 | 28x28x1 (stride-4 stem) | 7x7 | 4x96 |
+| vig_small_28 | 28x28x1 (stride-4 stem) | 7x7 | 6x128 |
+| vig_digits | 8x8x1 (stride-2 stem) | 4x4 | 4x64, k=4 |
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Optional
+
+import flax.linen as nn
+
+from qgnn_jax.layers import FP, QuantConfig
+from qgnn_jax.models.vig import ViG
+
+_SMALL = (2, 2, 1, 1, 1)  # stride-4 stem for 28/32-px inputs
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "vig_ti_224": functools.partial(ViG, dim=192, depth=12),
+    "vig_s_224": functools.partial(ViG, dim=320, depth=16),
+    "vig_b_224": functools.partial(ViG, dim=640, depth=16),
+    "vig_ti_32": functools.partial(ViG, dim=192, depth=12, stem_strides=_SMALL),
+    "vig_tiny_28": functools.partial(ViG, dim=96, depth=4, stem_strides=_SMALL, head_hidden=256),
+    "vig_small_28": functools.partial(ViG, dim=128, depth=6, stem_strides=_SMALL, head_hidden=512),
+    "vig_digits": functools.partial(ViG, dim=64, depth=4, k=4, stem_strides=(2, 1, 1, 1, 1),
+                                    head_hidden=128),
+}
+
+try:  # the pyramid variants live in their own module
+  from qgnn_jax.models.pvig import PYRAMID_MODELS
+  MODELS.update(PYRAMID_MODELS)
+except ImportError:  # pragma: no cover - during development only
+  pass
+
+
+def create_model(name: str, num_classes: int, quant_config: Optional[QuantConfig] = None,
+                 **kwargs) -> nn.Module:
+  """Builds a registered model. kwargs override the variant's fields (e.g. axis_name, dtype)."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+  return MODELS[name](num_classes=num_classes, cfg=quant_config or FP, **kwargs)

@@ -1,0 +1,254 @@
+"""Train state, the QGNN-IC loss, and pmap-ed train/eval steps (SPEC §4).
+
+One code path serves 1 and N local devices: every per-step function runs
+under `jax.pmap(axis_name="batch")`; state leaves carry a leading device axis
+(`replicate` / `unreplicate`). Batches are (devices, B / devices, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from qgnn_jax import distill
+
+AXIS = "batch"
+Batch = Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree of arrays (checkpointable).
+
+  step: int32 scalar; params / batch_stats / quant_stats: the model's variable
+  collections; opt_state: optax state; rng: base PRNG key (uint32 (2,) data),
+  folded with the step (and device) inside the step.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  quant_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+  def variables(self, params=None) -> Dict[str, Any]:
+    v = {"params": self.params if params is None else params}
+    if self.batch_stats:
+      v["batch_stats"] = self.batch_stats
+    if self.quant_stats:
+      v["quant_stats"] = self.quant_stats
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static description of the training objective (hashable).
+
+  student_mode: "fp" for full-precision training, "quant" for QAT.
+  alpha / tau: AQD weight and attention temperature; beta / bypass_prob /
+  temperature: SQD weight, teacher's per-site bypass probability, KD
+  temperature. A zero weight removes that teacher pass from the program.
+  """
+  student_mode: str = "fp"
+  alpha: float = 0.0
+  tau: float = 1.0
+  beta: float = 0.0
+  bypass_prob: float = 0.5
+  temperature: float = 1.0
+  label_smoothing: float = 0.0
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _is_quant_param(path) -> bool:
+  return path[-1].key in ("w_step", "a_step") if hasattr(path[-1], "key") else False
+
+
+def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                   weight_decay: float = 0.05, quant_lr: Optional[float] = None,
+                   momentum: float = 0.9, grad_clip: Optional[float] = None,
+                   params: Any = None) -> optax.GradientTransformation:
+  """AdamW (default) or SGD-momentum with linear warmup + cosine decay.
+
+  Weight decay applies to kernels (ndim >= 2) only. Quantizer parameters (LSQ
+  steps) get their own peak learning rate `quant_lr` (default: learning_rate)
+  and no weight decay. `params` is only used to build the labels' tree.
+  """
+  if name not in ("adamw", "sgd"):
+    raise ValueError(f"optimizer={name!r}; valid: 'adamw', 'sgd'")
+  if total_steps < 1:
+    raise ValueError(f"total_steps={total_steps}; valid: >= 1")
+
+  def schedule(peak):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup_steps, total_steps - 1) or 0,
+                                              total_steps, end_value=0.0)
+
+  def decay_mask(p):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim >= 2 and not _is_quant_param(path), p)
+
+  def base(peak, wd):
+    if name == "adamw":
+      return optax.adamw(schedule(peak), weight_decay=wd, mask=decay_mask if wd else None)
+    chain = [optax.add_decayed_weights(wd, decay_mask)] if wd else []
+    return optax.chain(*chain, optax.sgd(schedule(peak), momentum=momentum, nesterov=True))
+
+  labels = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: "quant" if _is_quant_param(path) else "default", p)
+  tx = optax.multi_transform(
+      {"default": base(learning_rate, weight_decay),
+       "quant": base(learning_rate if quant_lr is None else quant_lr, 0.0)}, labels)
+  if grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, images: jax.Array,
+                 rng: jax.Array, init_mode: str = "quant") -> TrainState:
+  """Initialises variables from a batch of images (B, H, W, C) and the optimiser state."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init({"params": init_rng, "dropout": init_rng, "quant": init_rng},
+                         images, train=False, mode=init_mode)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    quant_stats=variables.get("quant_stats", {}),
+                    opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+
+
+def calibrate(model: nn.Module, state: TrainState, images: jax.Array) -> TrainState:
+  """Sets PQ/min-max activation EMAs and LSQ step sizes from one batch (host, 1 device).
+
+  Used when QAT starts from FP weights: LSQ's init s = 2 mean|x| / sqrt(Q_P)
+  must see the real weights and activations, not the random init.
+  """
+  _, new = model.apply(state.variables(), images, train=False, mode="quant", calibrate=True,
+                       mutable=["params", "quant_stats"])
+  params = new["params"]
+  return state.replace(params=params, quant_stats=new.get("quant_stats", state.quant_stats))
+
+
+def replicate(tree: Any, n: Optional[int] = None) -> Any:
+  """Adds a leading device axis of size n (default: local device count)."""
+  n = n or jax.local_device_count()
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """Takes device 0's copy of every leaf."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+# ----------------------------------------------------------------------------- loss and steps
+
+
+def loss_and_metrics(params: Any, state: TrainState, batch: Batch, rng: jax.Array,
+                     model: nn.Module, loss_cfg: LossConfig, num_classes: int):
+  """L = CE(z_s, y) + alpha * AQD + beta * SQD on one device's batch.
+
+  Returns (loss, (metrics, new_model_state)). The teacher passes (FP for AQD,
+  stochastic for SQD) run only when their weight is non-zero; their outputs
+  are constants and their BN/EMA updates are discarded.
+  """
+  drop_rng, quant_rng = jax.random.split(rng)
+  variables = state.variables(params)
+  images = batch["image"]
+  need_feats = loss_cfg.alpha > 0
+  out, new_state = model.apply(
+      variables, images, train=True, mode=loss_cfg.student_mode, return_features=need_feats,
+      rngs={"dropout": drop_rng}, mutable=["batch_stats", "quant_stats"])
+  logits, s_feats = out if need_feats else (out, None)
+  labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
+                               loss_cfg.label_smoothing) if loss_cfg.label_smoothing else \
+      jax.nn.one_hot(batch["label"], num_classes)
+  ce = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+  loss = ce
+  metrics = {"ce": ce, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  teacher_vars = jax.lax.stop_gradient(variables)
+  if loss_cfg.alpha > 0:
+    (_, t_feats), _ = model.apply(teacher_vars, images, train=True, mode="fp", return_features=True,
+                                  rngs={"dropout": drop_rng}, mutable=["batch_stats"])
+    aqd = distill.aqd_loss(s_feats, t_feats, loss_cfg.tau)
+    loss = loss + loss_cfg.alpha * aqd
+    metrics["aqd"] = aqd
+  if loss_cfg.beta > 0:
+    t_logits, _ = model.apply(teacher_vars, images, train=True, mode="stochastic",
+                              bypass_prob=loss_cfg.bypass_prob,
+                              rngs={"dropout": drop_rng, "quant": quant_rng},
+                              mutable=["batch_stats"])
+    sqd = distill.sqd_loss(logits, t_logits, loss_cfg.temperature)
+    loss = loss + loss_cfg.beta * sqd
+    metrics["sqd"] = sqd
+  metrics["loss"] = loss
+  return loss, (metrics, new_state)
+
+
+def _step_rng(state: TrainState) -> jax.Array:
+  key = jax.random.wrap_key_data(state.rng)
+  key = jax.random.fold_in(key, state.step)
+  return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, loss_cfg: LossConfig,
+               num_classes: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimisation step on one device's shard; call through `make_train_step`."""
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+  (_, (metrics, new_model_state)), grads = grad_fn(
+      state.params, state, batch, _step_rng(state), model, loss_cfg, num_classes)
+  grads = jax.lax.pmean(grads, AXIS)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # BN running stats are computed from pmean-ed batch moments (BatchNorm's
+  # axis_name) and EMA ranges from synced ranges, so they already agree; the
+  # pmean keeps them bit-identical across devices.
+  batch_stats = jax.lax.pmean(new_model_state.get("batch_stats", state.batch_stats), AXIS)
+  quant_stats = new_model_state.get("quant_stats", state.quant_stats)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            quant_stats=quant_stats, opt_state=opt_state)
+  return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg: LossConfig,
+                    num_classes: int) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict]]:
+  """pmap-ed, state-donating train step: (replicated state, (D, B/D, ...) batch) -> (state, metrics)."""
+  fn = functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg,
+                         num_classes=num_classes)
+  return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
+
+
+def eval_step(state: TrainState, batch: Batch, *, model: nn.Module, mode: str) -> Dict[str, jax.Array]:
+  """Counts correct predictions on one device's shard (eval mode: EMA ranges, running BN).
+
+  batch may carry a float 'mask' (padding = 0). Returns psum-ed sums:
+  {"correct", "count", "loss_sum"}.
+  """
+  logits = model.apply(state.variables(), batch["image"], train=False, mode=mode)
+  mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * mask
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
+  return jax.lax.psum({"correct": correct.sum(), "count": mask.sum(), "loss_sum": ce.sum()}, AXIS)
+
+
+def make_eval_step(model: nn.Module, mode: str) -> Callable[[TrainState, Batch], Dict]:
+  return jax.pmap(functools.partial(eval_step, model=model, mode=mode), axis_name=AXIS)
+
+
+def shard_batch(batch: Dict[str, Any], num_devices: int) -> Dict[str, Any]:
+  """(B, ...) -> (D, B/D, ...); B must divide by D."""
+  b = jax.tree.leaves(batch)[0].shape[0]
+  if b % num_devices:
+    raise ValueError(f"batch size {b} is not divisible by the {num_devices} devices; "
+                     f"use a multiple of {num_devices}")
+  return jax.tree.map(lambda x: x.reshape((num_devices, b // num_devices) + x.shape[1:]), batch)
