@@ -1,0 +1,54 @@
+"""Defaults shared by every config; each config file overrides what it needs."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data
+  c.dataset = "digits"
+  c.data_dir = ""            # '' -> default search path / TFDS_DATA_DIR
+  c.val_holdout = 0          # >0: hold out this many train images and evaluate on them
+  c.augment = True
+  # Model and quantization
+  c.model = "vig_digits"
+  c.method = "fp"            # fp | minmax | lsq | pq | pq+aqd | pq+sqd | pq+aqd+sqd
+  c.w_bits = 4
+  c.a_bits = 4
+  c.lam = 3.0                # PQ's lambda
+  c.ema_momentum = 0.9       # activation-range EMA
+  c.quantize_stem = False
+  c.quantize_head = False
+  c.graph_impl = "dense"     # dense | segment (jraph)
+  c.dtype = "float32"        # compute dtype; params stay float32
+  c.drop_path = 0.0
+  c.dropout = 0.0
+  # Self-distillation (used only when the method names aqd / sqd)
+  c.aqd_alpha = 1.0
+  c.aqd_tau = 1.0
+  c.sqd_beta = 1.0
+  c.sqd_p = 0.5
+  c.sqd_temperature = 1.0
+  c.label_smoothing = 0.0
+  # Optimisation
+  c.optimizer = "adamw"      # adamw | sgd
+  c.lr = 1e-3
+  c.quant_lr = -1.0          # LSQ step lr; <= 0 -> same as lr
+  c.weight_decay = 0.05
+  c.warmup_epochs = 1.0
+  c.grad_clip = 0.0
+  c.num_epochs = 10.0
+  c.num_steps = 0            # > 0 overrides num_epochs
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.seed = 0
+  # Bookkeeping
+  c.init_from = ""           # another run's workdir / checkpoint dir (QAT from FP)
+  c.log_every = 50
+  c.eval_every_epochs = 1.0  # 0 -> only at the end
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.stop_at_step = 0         # > 0: stop (resumably) at this step, as a crash would
+  c.progress = True
+  # Two-phase pipelines (quick start): FP pretraining, then QAT initialised from it
+  c.pretrain_fp_epochs = 0.0
+  return c

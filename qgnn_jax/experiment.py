@@ -1,0 +1,304 @@
+"""One training run from an ml_collections config: the logic behind `experiments.run`.
+
+`train_and_evaluate(config, workdir)` trains (FP or QAT), evaluates, checkpoints
+and writes `config.json`, `metrics.jsonl` and `results.json` (SPEC §6) into
+`workdir`. Restarting it with the same workdir resumes from the latest
+checkpoint with the same data order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from qgnn_jax import checkpoint as ckpt
+from qgnn_jax import data as data_lib
+from qgnn_jax import train as train_lib
+from qgnn_jax.layers import QuantConfig
+from qgnn_jax.models import create_model
+
+RESULT_KEYS = ("dataset", "model", "method", "w_bits", "a_bits", "seed", "top1", "fp_top1",
+               "train_steps", "train_seconds", "params", "model_bytes_fp32",
+               "model_bytes_quantized")
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def parse_method(method: str) -> Dict[str, Any]:
+  """'pq+aqd+sqd' -> {'quantizer': 'pq', 'aqd': True, 'sqd': True}. Validates the name."""
+  parts = method.split("+")
+  base, extras = parts[0], set(parts[1:])
+  if base not in ("fp", "pq", "minmax", "lsq") or not extras <= {"aqd", "sqd"} or (
+      base == "fp" and extras):
+    raise ValueError(f"method={method!r}; valid: fp, minmax, lsq, pq, pq+aqd, pq+sqd, pq+aqd+sqd "
+                     "(aqd/sqd may follow any quantizer)")
+  return {"quantizer": base, "aqd": "aqd" in extras, "sqd": "sqd" in extras}
+
+
+def quant_config(config) -> QuantConfig:
+  m = parse_method(config.method)
+  if m["quantizer"] == "fp":
+    return QuantConfig()
+  return QuantConfig.from_method(
+      m["quantizer"], int(config.w_bits), int(config.a_bits), lam=float(config.lam),
+      ema_momentum=float(config.ema_momentum), quantize_stem=bool(config.quantize_stem),
+      quantize_head=bool(config.quantize_head))
+
+
+def loss_config(config) -> train_lib.LossConfig:
+  m = parse_method(config.method)
+  return train_lib.LossConfig(
+      student_mode="fp" if m["quantizer"] == "fp" else "quant",
+      alpha=float(config.aqd_alpha) if m["aqd"] else 0.0, tau=float(config.aqd_tau),
+      beta=float(config.sqd_beta) if m["sqd"] else 0.0, bypass_prob=float(config.sqd_p),
+      temperature=float(config.sqd_temperature), label_smoothing=float(config.label_smoothing))
+
+
+def build_model(config, num_classes: int, axis_name: Optional[str] = None):
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+  if dtype is None:
+    raise ValueError(f"dtype={config.dtype!r}; valid: 'float32', 'bfloat16'")
+  return create_model(config.model, num_classes, quant_config(config), axis_name=axis_name,
+                      dtype=dtype, graph_impl=config.graph_impl,
+                      drop_path_rate=float(config.drop_path), dropout=float(config.dropout))
+
+
+# ----------------------------------------------------------------------------- model size
+
+
+def model_size_bytes(params: Any, quant_stats: Any) -> Dict[str, int]:
+  """Parameter count and storage: fp32 everywhere vs. quantized kernels packed at w_bits.
+
+  A kernel counts as quantized when its layer has a quantizer `site` marker in
+  quant_stats (holding w_bits); it is stored as packed codes plus one float32
+  scale per output channel. Everything else (BN, biases, stem/head kept FP,
+  LSQ steps) stays float32.
+  """
+  flat_p = {tuple(str(getattr(k, "key", k)) for k in path): x
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  sites = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(quant_stats or {})[0]:
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    if keys[-2:] == ("quant", "site"):
+      sites[keys[:-2] + ("kernel",)] = int(np.asarray(x))
+  n = sum(int(np.prod(x.shape)) for x in flat_p.values())
+  q_bytes = 0
+  for path, x in flat_p.items():
+    size = int(np.prod(x.shape))
+    if path in sites:
+      q_bytes += math.ceil(size * sites[path] / 8) + 4 * int(x.shape[-1])
+    else:
+      q_bytes += 4 * size
+  return {"params": n, "model_bytes_fp32": 4 * n, "model_bytes_quantized": q_bytes}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl (flushed each write)."""
+
+  def __init__(self, path: str):
+    self._f = open(path, "a", encoding="utf-8")
+
+  def write(self, record: Dict[str, Any]) -> None:
+    self._f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v)
+                              for k, v in record.items()}) + "\n")
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def evaluate(eval_step, state, images, labels, info, batch_size: int, num_devices: int) -> Dict:
+  """Top-1 and mean CE over a whole split (padding masked out)."""
+  tot = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+  for batch in data_lib.eval_batches(images, labels, info, batch_size, num_devices):
+    out = eval_step(state, batch)
+    for k in tot:
+      tot[k] += float(out[k][0])
+  return {"top1": tot["correct"] / max(tot["count"], 1.0),
+          "loss": tot["loss_sum"] / max(tot["count"], 1.0), "count": int(tot["count"])}
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def _init_from_fp(state, directory: str) -> tuple:
+  """Copies matching params / batch_stats from another run's checkpoint into state."""
+  raw = ckpt.restore_from(directory)
+  merged_p, copied, missing = ckpt.merge_matching(state.params, raw["params"])
+  merged_bs, _, _ = ckpt.merge_matching(state.batch_stats, raw.get("batch_stats", {}))
+  if not copied:
+    raise ckpt.CheckpointError(f"init_from={directory!r}: no parameter matched this model "
+                               f"(is it the same architecture?)")
+  logging.info("init_from %s: copied %d leaves, kept init for %d (%s)", directory, len(copied),
+               len(missing), ", ".join("/".join(map(str, p)) for p in missing[:8]))
+  fp_top1 = None
+  res = os.path.join(os.path.abspath(directory), "results.json")
+  if os.path.exists(res):
+    with open(res) as f:
+      fp_top1 = json.load(f).get("top1")
+  return state.replace(params=merged_p, batch_stats=merged_bs), fp_top1
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) one training job; returns the results.json dict."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  num_devices = jax.local_device_count()
+  splits = data_lib.load_splits(config.dataset, config.data_dir or None,
+                                val_holdout=int(config.val_holdout))
+  (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
+  steps_per_epoch = len(x_train) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training images")
+  total_steps = int(config.num_steps) or int(round(config.num_epochs * steps_per_epoch))
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  method = parse_method(config.method)
+
+  model = build_model(config, info.num_classes, axis_name=train_lib.AXIS)
+  init_model = build_model(config, info.num_classes)
+  tx = train_lib.make_optimizer(
+      config.optimizer, config.lr, total_steps, warmup, config.weight_decay,
+      quant_lr=(config.quant_lr if config.quant_lr > 0 else None),
+      grad_clip=(config.grad_clip or None))
+  first = next(data_lib.train_batches(x_train, y_train, info, config.batch_size, config.seed,
+                                      augment=False))
+  sample = jnp.asarray(first["image"].reshape((-1,) + first["image"].shape[2:]))
+  state = train_lib.create_state(init_model, tx, sample[:2], jax.random.key(config.seed))
+
+  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  restored, start_step = ckpt.restore_latest(manager, state)
+  fp_top1 = None
+  progress_path = os.path.join(workdir, "progress.json")
+  prev_seconds = 0.0
+  if restored is not None:
+    state, start_step = restored, int(start_step)
+    if os.path.exists(progress_path):
+      with open(progress_path) as f:
+        prog = json.load(f)
+      prev_seconds, fp_top1 = prog.get("train_seconds", 0.0), prog.get("fp_top1")
+    logging.info("resumed from step %d", start_step)
+  else:
+    start_step = 0
+    if config.init_from:
+      state, fp_top1 = _init_from_fp(state, config.init_from)
+    if method["quantizer"] != "fp":
+      state = train_lib.calibrate(init_model, state, sample)
+    state = state.replace(opt_state=tx.init(state.params))
+
+  loss_cfg = loss_config(config)
+  train_step = train_lib.make_train_step(model, tx, loss_cfg, info.num_classes)
+  eval_mode = "fp" if method["quantizer"] == "fp" else "quant"
+  eval_step = train_lib.make_eval_step(model, eval_mode)
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+
+  def save(step, seconds):
+    ckpt.save(manager, step, state_host(), force=True)
+    with open(progress_path, "w") as f:
+      json.dump({"step": step, "train_seconds": seconds, "fp_top1": fp_top1}, f)
+
+  rstate = train_lib.replicate(state, num_devices)
+  state_host = lambda: jax.device_get(train_lib.unreplicate(rstate))
+  stop_at = int(config.stop_at_step) or total_steps
+  batches = data_lib.prefetch(data_lib.train_batches(
+      x_train, y_train, info, config.batch_size, config.seed, start_step=start_step,
+      augment=bool(config.augment), num_devices=num_devices))
+  t0, seconds = time.perf_counter(), prev_seconds
+  bar = tqdm(total=total_steps, initial=start_step, desc=f"{config.method} {config.model}",
+             disable=not config.progress, dynamic_ncols=True)
+  step = start_step
+  try:
+    for step in range(start_step, min(stop_at, total_steps)):
+      rstate, metrics = train_step(rstate, next(batches))
+      bar.update(1)
+      done = step + 1
+      if done % config.log_every == 0 or done == total_steps:
+        m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in m.values()):
+          raise FloatingPointError(
+              f"non-finite training metrics at step {done}: {m}; the last good checkpoint is "
+              f"kept in {workdir}/checkpoints (try a lower lr or grad_clip)")
+        writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "train", **m})
+        bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
+      if config.eval_every_epochs and done % max(1, int(config.eval_every_epochs *
+                                                        steps_per_epoch)) == 0 and done < total_steps:
+        ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
+        writer.write({"step": done, "epoch": done / steps_per_epoch,
+                      "split": splits["eval_split"], **ev})
+      if done % config.checkpoint_every == 0 and done < total_steps:
+        save(done, seconds + time.perf_counter() - t0)
+    step = min(stop_at, total_steps)
+    jax.block_until_ready(rstate)
+    seconds += time.perf_counter() - t0
+    save(step, seconds)
+  finally:
+    bar.close()
+  if step < total_steps:  # stopped early on purpose (stop_at_step): resumable
+    writer.close()
+    return {}
+
+  ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
+  writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch,
+                "split": splits["eval_split"], "final": True, **ev})
+  writer.close()
+  final = state_host()
+  sizes = model_size_bytes(final.params, final.quant_stats)
+  results = {
+      "dataset": config.dataset, "model": config.model, "method": config.method,
+      "w_bits": None if method["quantizer"] == "fp" else int(config.w_bits),
+      "a_bits": None if method["quantizer"] == "fp" else int(config.a_bits),
+      "seed": int(config.seed), "top1": float(ev["top1"]),
+      "fp_top1": None if fp_top1 is None else float(fp_top1),
+      "train_steps": int(total_steps), "train_seconds": float(seconds), **sizes}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def summary_table(rows: list) -> str:
+  """Markdown table of results dicts (one row per run)."""
+  head = "| run | method | W/A bits | top-1 | params | size fp32 | size quantized | train s |"
+  lines = [head, "|---|---|---|---|---|---|---|---|"]
+  for name, r in rows:
+    bits = "-" if r["w_bits"] is None else f"{r['w_bits']}/{r['a_bits']}"
+    lines.append(f"| {name} | {r['method']} | {bits} | {100 * r['top1']:.2f}% | {r['params']:,} | "
+                 f"{r['model_bytes_fp32'] / 1024:.0f} KiB | {r['model_bytes_quantized'] / 1024:.0f} KiB"
+                 f" | {r['train_seconds']:.0f} |")
+  return "\n".join(lines)
+
+
+def run_pipeline(config, workdir: str) -> list:
+  """Runs the config: one run, or FP pretraining then QAT when pretrain_fp_epochs > 0.
+
+  Returns [(name, results)] and prints the summary table.
+  """
+  rows = []
+  if config.pretrain_fp_epochs > 0 and parse_method(config.method)["quantizer"] != "fp":
+    fp_cfg = config.copy_and_resolve_references()
+    with fp_cfg.unlocked():
+      fp_cfg.method, fp_cfg.num_epochs = "fp", config.pretrain_fp_epochs
+    fp_dir = os.path.join(workdir, "fp")
+    rows.append(("fp", train_and_evaluate(fp_cfg, fp_dir)))
+    qat_cfg = config.copy_and_resolve_references()
+    with qat_cfg.unlocked():
+      qat_cfg.init_from = fp_dir
+      qat_cfg.lr = config.lr / 4
+    rows.append(("qat", train_and_evaluate(qat_cfg, os.path.join(workdir, "qat"))))
+  else:
+    rows.append((os.path.basename(os.path.normpath(workdir)), train_and_evaluate(config, workdir)))
+  rows = [(n, r) for n, r in rows if r]
+  if rows:
+    print("\n" + summary_table(rows))
+  return rows
