@@ -1,0 +1,24 @@
+"""Quantizers of qgnn_jax (SPEC §1): pure JAX functions, no Flax.
+
+Fake quantization (float in, float out, straight-through gradients):
+  fake_quant, pauta_range, pauta_quantize, minmax_range, minmax_quantize,
+  lsq_quantize, lsq_init_step, lsq_bounds, lsq_range, stochastic_round.
+Integer form: quantize_int, dequantize, pack_bits, unpack_bits, packed_nbytes.
+Validation: validate_bits, validate_lam, validate_channel_axis, check_finite.
+"""
+
+from qgnn_jax.quant.integer import (dequantize, pack_bits, packed_nbytes, quantize_int,
+                                    unpack_bits)
+from qgnn_jax.quant.quantizers import (LSQ_MIN_STEP, MAX_BITS, MIN_BITS, check_finite,
+                                       fake_quant, lsq_bounds, lsq_init_step, lsq_quantize,
+                                       lsq_range, minmax_quantize, minmax_range,
+                                       pauta_quantize, pauta_range, stochastic_round,
+                                       validate_bits, validate_channel_axis, validate_lam)
+
+__all__ = [
+    "MIN_BITS", "MAX_BITS", "LSQ_MIN_STEP",
+    "fake_quant", "pauta_range", "pauta_quantize", "minmax_range", "minmax_quantize",
+    "lsq_bounds", "lsq_range", "lsq_quantize", "lsq_init_step", "stochastic_round",
+    "quantize_int", "dequantize", "pack_bits", "unpack_bits", "packed_nbytes",
+    "validate_bits", "validate_lam", "validate_channel_axis", "check_finite",
+]

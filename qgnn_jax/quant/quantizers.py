@@ -1,0 +1,585 @@
+"""Fake quantizers: uniform grids, Pauta quantization (PQ), min-max and LSQ.
+
+All functions are pure JAX (no Flax, no global state) and work under ``jit``,
+``grad``, ``vmap`` and ``pmap``/``shard_map``, for float16/bfloat16/float32
+(and float64 with x64) inputs of any rank. Straight-through estimators are
+explicit ``jax.custom_vjp`` rules.
+
+Grids (SPEC §1). ``bits`` b is a Python int in [2, 16].
+
+* Asymmetric grid over [lo, hi]: 2^b levels, step s = (hi - lo) / (2^b - 1),
+  codes q in {0 .. 2^b - 1}, x_hat = lo + s * q.
+* Symmetric grid over [-a, a]: codes q in {-(2^(b-1) - 1) .. 2^(b-1) - 1},
+  s = a / (2^(b-1) - 1), x_hat = s * q (zero is exact).
+
+Arithmetic precision. The quantizers compute in ``promote_types(x.dtype,
+float32)`` (float32 for bf16/f16/f32 input) and cast the result back to
+``x.dtype``; range statistics are likewise computed and returned in that
+"compute dtype" (float32 for bf16 input).
+
+Non-finite inputs. In eager mode (concrete arrays) every public function
+raises ``ValueError`` when its floating inputs contain NaN or Inf. Under a
+transformation (``jit``, ``vmap``, ``pmap``, ``grad`` tracing) the values are
+not known, so nothing is checked and nothing is sanitised: NaN propagates to
+the output (and to PQ/min-max ranges), +-Inf is clipped to the range by
+``fake_quant``/``lsq_quantize`` but makes PQ ranges NaN. To check under jit,
+call :func:`check_finite` inside the function and wrap it with
+``jax.experimental.checkify.checkify`` (it emits a ``checkify.check``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+Array = jax.Array
+ArrayLike = Union[jax.Array, np.ndarray, float, int]
+
+MIN_BITS = 2
+MAX_BITS = 16
+# Smallest step lsq_init_step returns (for an all-zero tensor).
+LSQ_MIN_STEP = 1e-8
+
+__all__ = [
+    "MIN_BITS", "MAX_BITS", "validate_bits", "validate_lam", "validate_channel_axis",
+    "check_finite", "fake_quant", "pauta_range", "pauta_quantize", "minmax_range",
+    "minmax_quantize", "lsq_bounds", "lsq_range", "lsq_quantize", "lsq_init_step",
+    "stochastic_round",
+]
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------
+
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def validate_bits(bits: Any) -> int:
+  """Returns ``bits`` as an int, or raises ValueError.
+
+  Valid: a Python int (or NumPy integer; not bool, float or array) in
+  [MIN_BITS, MAX_BITS] = [2, 16].
+  """
+  if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
+    raise ValueError(f"bits={bits!r} (type {type(bits).__name__}) must be a Python int "
+                     f"in [{MIN_BITS}, {MAX_BITS}]")
+  if not MIN_BITS <= int(bits) <= MAX_BITS:
+    raise ValueError(f"bits={bits} is out of range; valid range is [{MIN_BITS}, {MAX_BITS}]")
+  return int(bits)
+
+
+def validate_lam(lam: Any) -> None:
+  """Raises ValueError unless ``lam`` (the Pauta lambda) is finite and > 0.
+
+  A traced ``lam`` (under jit) cannot be checked and is accepted.
+  """
+  if _is_traced(lam):
+    return
+  try:
+    arr = np.asarray(lam, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"lam={lam!r} must be a positive number; valid range (0, inf)") from None
+  if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+    raise ValueError(f"lam={lam!r} must be > 0 and finite; valid range (0, inf)")
+
+
+def validate_channel_axis(channel_axis: Any, ndim: int) -> Optional[int]:
+  """Normalises ``channel_axis`` to [0, ndim) or None; raises ValueError.
+
+  Valid: None (per tensor) or an int in [-ndim, ndim - 1].
+  """
+  if channel_axis is None:
+    return None
+  if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis,
+                                                                  (int, np.integer)):
+    raise ValueError(f"channel_axis={channel_axis!r} must be None or an int in "
+                     f"[{-ndim}, {ndim - 1}]")
+  if not -ndim <= channel_axis < ndim:
+    raise ValueError(f"channel_axis={channel_axis} is out of range for an input with "
+                     f"ndim={ndim}; valid range is [{-ndim}, {ndim - 1}]"
+                     + (" (a 0-d input has no channel axis)" if ndim == 0 else ""))
+  return int(channel_axis) % ndim
+
+
+def check_finite(x: ArrayLike, name: str = "x") -> None:
+  """Checks that ``x`` has no NaN/Inf; usable eagerly and under checkify.
+
+  * Concrete array (eager): raises ``ValueError`` naming ``name`` and the
+    number of non-finite entries.
+  * Traced array (inside jit/vmap/pmap): emits ``checkify.check``; the caller
+    must wrap the traced function with ``checkify.checkify`` (e.g.
+    ``err, out = checkify.checkify(jax.jit(f))(x); err.throw()``), otherwise
+    JAX refuses to stage it.
+
+  Integer and empty arrays always pass. Returns None; no gradient effect.
+  """
+  x = jnp.asarray(x) if not _is_traced(x) else x
+  if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  if _is_traced(x):
+    checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
+    return
+  bad = int(jnp.sum(~jnp.isfinite(x)))
+  if bad:
+    raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of "
+                     f"{x.size}; quantizers need finite inputs")
+
+
+def _eager_check_finite(x: Array, name: str) -> None:
+  if not _is_traced(x):
+    check_finite(x, name)
+
+
+def _as_float(x: ArrayLike, name: str = "x") -> Array:
+  x = x if _is_traced(x) else jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
+                     f"float64), got {x.dtype}")
+  return x
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_broadcast(x_shape: Sequence[int], **params: Sequence[int]) -> None:
+  """Raises ValueError unless every param shape broadcasts to exactly x_shape."""
+  desc = ", ".join(f"{k} shape {tuple(v)}" for k, v in params.items())
+  try:
+    out = jnp.broadcast_shapes(tuple(x_shape), *[tuple(v) for v in params.values()])
+  except ValueError:
+    out = None
+  if out != tuple(x_shape):
+    raise ValueError(f"{desc} are not broadcast-compatible with each other and with x "
+                     f"shape {tuple(x_shape)}; valid: shapes that broadcast to "
+                     f"{tuple(x_shape)} (() per tensor, or size 1 on every axis but the "
+                     f"channel axis)")
+
+
+def _param(v: ArrayLike, name: str) -> Array:
+  v = v if _is_traced(v) else jnp.asarray(v)
+  if not jnp.issubdtype(v.dtype, jnp.inexact) and not jnp.issubdtype(v.dtype, jnp.integer):
+    raise ValueError(f"{name} must be numeric, got dtype {v.dtype}")
+  return v
+
+
+# ----------------------------------------------------------------------------
+# fake_quant: uniform grid with the clipped straight-through estimator
+# ----------------------------------------------------------------------------
+
+def _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask):
+  """Forward on x (any float dtype) with lo/hi already in the compute dtype."""
+  xc = x.astype(lo.dtype)
+  if symmetric:
+    qp = float(2 ** (bits - 1) - 1)
+    a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    valid = a > 0
+    s = jnp.where(valid, a / qp, 1.0)
+    out = jnp.where(valid, s * jnp.round(jnp.clip(xc, -a, a) / s), xc)
+    lo_c, hi_c = -a, a
+  else:
+    n = float(2 ** bits - 1)
+    valid = hi > lo
+    s = jnp.where(valid, (hi - lo) / n, 1.0)
+    out = jnp.where(valid, lo + s * jnp.round((jnp.clip(xc, lo, hi) - lo) / s), xc)
+    lo_c, hi_c = lo, hi
+  mask = ((xc >= lo_c) & (xc <= hi_c)) | ~valid if need_mask else None
+  return out.astype(x.dtype), mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant(x, lo, hi, bits, symmetric):
+  return _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask=False)[0]
+
+
+def _fake_quant_fwd(x, lo, hi, bits, symmetric):
+  out, mask = _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask=True)
+  # Residual: one bool per element plus the (small) range arrays.
+  return out, (jnp.broadcast_to(mask, x.shape), lo, hi)
+
+
+def _fake_quant_bwd(bits, symmetric, res, g):
+  del bits, symmetric
+  mask, lo, hi = res
+  return jnp.where(mask, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
+               symmetric: bool = False) -> Array:
+  """Rounds ``x`` to a uniform b-bit grid over [lo, hi] ("fake" quantization).
+
+  Args:
+    x: float array, any shape/rank (bf16/f16/f32/f64).
+    lo, hi: range, broadcastable to ``x.shape`` without enlarging it: 0-d for a
+      per-tensor range, or keepdims-shaped (size 1 except on the channel axis)
+      for per-channel ranges, e.g. the output of :func:`pauta_range`.
+    bits: Python int in [2, 16].
+    symmetric: False -> asymmetric grid, 2^b levels on [lo, hi],
+      s = (hi - lo) / (2^b - 1), x_hat = lo + s * round((clip(x, lo, hi) - lo) / s).
+      True -> symmetric grid on [-a, a] with a = max(|lo|, |hi|) (callers
+      pass lo = -a, hi = a): s = a / (2^(b-1) - 1), codes in
+      +-(2^(b-1) - 1), x_hat = s * round(clip(x, -a, a) / s).
+
+  Returns:
+    x_hat with ``x.shape`` and ``x.dtype``. Computed in float32 (float64 for
+    f64 input) and cast back. Where the range is degenerate (hi <= lo, or
+    a == 0 for the symmetric grid; e.g. a constant tensor) x is returned
+    unchanged, without NaN. An empty x is returned as is.
+
+  Gradient (custom_vjp, clipped straight-through estimator):
+    dx = g * 1[lo <= x <= hi] (1 everywhere a range is degenerate);
+    d lo = d hi = 0.
+
+  Raises:
+    ValueError: bad ``bits``, non-float x, lo/hi shapes that do not broadcast
+      to x.shape, or (eager mode only) NaN/Inf in x, lo or hi.
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  lo, hi = _param(lo, "lo"), _param(hi, "hi")
+  _check_broadcast(x.shape, lo=lo.shape, hi=hi.shape)
+  if x.size == 0:
+    return x
+  _eager_check_finite(x, "x")
+  _eager_check_finite(lo, "lo")
+  _eager_check_finite(hi, "hi")
+  cdt = _compute_dtype(x.dtype)
+  return _fake_quant(x, lo.astype(cdt), hi.astype(cdt), bits, bool(symmetric))
+
+
+# ----------------------------------------------------------------------------
+# Pauta (3-sigma) and min-max ranges
+# ----------------------------------------------------------------------------
+
+def _reduce_axes(ndim: int, axis: Optional[int]) -> Optional[Tuple[int, ...]]:
+  return None if axis is None else tuple(i for i in range(ndim) if i != axis)
+
+
+def _stats_shape(shape: Sequence[int], axis: Optional[int]) -> Tuple[int, ...]:
+  if axis is None:
+    return ()
+  return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+
+
+def _pauta_range_impl(x, lam, axis, symmetric, stop_grad):
+  cdt = _compute_dtype(x.dtype)
+  xs = (jax.lax.stop_gradient(x) if stop_grad else x).astype(cdt)
+  red, keep = _reduce_axes(x.ndim, axis), axis is not None
+  mu = jnp.mean(xs, axis=red, keepdims=keep)
+  var = jnp.mean(jnp.square(xs - mu), axis=red, keepdims=keep)
+  pos = var > 0  # safe sqrt: finite gradient at sigma == 0 when stop_grad=False
+  sigma = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
+  lam = jnp.asarray(lam, cdt)
+  if symmetric:
+    amax = jnp.max(jnp.abs(xs), axis=red, keepdims=keep)
+    a = jnp.minimum(jnp.abs(mu) + lam * sigma, amax)
+    return -a, a
+  mn = jnp.min(xs, axis=red, keepdims=keep)
+  mx = jnp.max(xs, axis=red, keepdims=keep)
+  # clip(., mn, mx) == the SPEC's max(mu - lam sigma, mn) / min(mu + lam sigma, mx)
+  # whenever mn <= mu <= mx, and also guarantees lo <= hi under rounding (a
+  # constant tensor gets lo == hi exactly).
+  return jnp.clip(mu - lam * sigma, mn, mx), jnp.clip(mu + lam * sigma, mn, mx)
+
+
+def _minmax_range_impl(x, axis, symmetric, stop_grad):
+  cdt = _compute_dtype(x.dtype)
+  xs = (jax.lax.stop_gradient(x) if stop_grad else x).astype(cdt)
+  red, keep = _reduce_axes(x.ndim, axis), axis is not None
+  if symmetric:
+    a = jnp.max(jnp.abs(xs), axis=red, keepdims=keep)
+    return -a, a
+  return jnp.min(xs, axis=red, keepdims=keep), jnp.max(xs, axis=red, keepdims=keep)
+
+
+def _empty_range(x, axis):
+  z = jnp.zeros(_stats_shape(x.shape, axis), _compute_dtype(x.dtype))
+  return z, z
+
+
+def pauta_range(x: ArrayLike, lam: float = 3.0, channel_axis: Optional[int] = None,
+                symmetric: bool = False, stop_grad: bool = True) -> Tuple[Array, Array]:
+  """Clipping range of Pauta quantization (the lambda-sigma rule, SPEC §1.1).
+
+  mu, sigma (population std) are taken over all axes (per tensor) or over all
+  axes but ``channel_axis`` (per channel). Then
+
+    asymmetric: lo = max(mu - lam sigma, min x),  hi = min(mu + lam sigma, max x)
+    symmetric:  a = min(|mu| + lam sigma, max |x|),  returns (-a, a).
+
+  (Implemented as clip(mu -+ lam sigma, min x, max x), identical for finite
+  data and guaranteeing lo <= hi; a constant tensor gives lo == hi.)
+
+  Args:
+    x: float array of any rank/dtype.
+    lam: lambda > 0 (float or 0-d array; may be traced under jit).
+    channel_axis: None, or an int in [-x.ndim, x.ndim - 1].
+    symmetric: see above.
+    stop_grad: if True (default) the statistics are constants for autodiff.
+
+  Returns:
+    (lo, hi) in the compute dtype (float32 for bf16/f16/f32 input, float64
+    for f64): 0-d arrays per tensor, or arrays of rank x.ndim with size 1
+    everywhere except ``channel_axis`` (broadcastable to x). Statistics are
+    computed in float32 even for bf16 input. Empty x -> zeros (a degenerate
+    range that :func:`fake_quant` leaves untouched).
+
+  Gradient: zero w.r.t. x when ``stop_grad`` (default); otherwise the exact
+  derivative of the formula above (finite also at sigma = 0).
+
+  Raises:
+    ValueError: lam <= 0, channel_axis out of range, non-float x, (eager
+      only) NaN/Inf in x.
+  """
+  x = _as_float(x)
+  validate_lam(lam)
+  axis = validate_channel_axis(channel_axis, x.ndim)
+  if x.size == 0:
+    return _empty_range(x, axis)
+  _eager_check_finite(x, "x")
+  return _pauta_range_impl(x, lam, axis, bool(symmetric), stop_grad)
+
+
+def pauta_quantize(x: ArrayLike, bits: int, lam: float = 3.0,
+                   channel_axis: Optional[int] = None, symmetric: bool = False) -> Array:
+  """Pauta quantization: ``fake_quant(x, *pauta_range(x, lam, ...), bits)``.
+
+  Shapes/dtypes: x_hat has x's shape and dtype. Range statistics are
+  stop-gradient constants; the gradient w.r.t. x is the clipped STE
+  g * 1[lo <= x <= hi] (per channel if ``channel_axis`` is given). Constant
+  tensors/channels are returned unchanged; empty x is returned as is.
+
+  Raises ValueError for bad bits/lam/channel_axis and (eager) NaN/Inf.
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  validate_lam(lam)
+  axis = validate_channel_axis(channel_axis, x.ndim)
+  if x.size == 0:
+    return x
+  _eager_check_finite(x, "x")
+  lo, hi = _pauta_range_impl(x, lam, axis, bool(symmetric), True)
+  return _fake_quant(x, lo, hi, bits, bool(symmetric))
+
+
+def minmax_range(x: ArrayLike, channel_axis: Optional[int] = None,
+                 symmetric: bool = False, stop_grad: bool = True) -> Tuple[Array, Array]:
+  """Min-max range: (min x, max x), or (-max|x|, max|x|) when symmetric.
+
+  Same shapes, dtypes (compute dtype: float32 for bf16 input), gradient
+  convention (stop-gradient by default), empty-input behaviour and errors as
+  :func:`pauta_range`.
+  """
+  x = _as_float(x)
+  axis = validate_channel_axis(channel_axis, x.ndim)
+  if x.size == 0:
+    return _empty_range(x, axis)
+  _eager_check_finite(x, "x")
+  return _minmax_range_impl(x, axis, bool(symmetric), stop_grad)
+
+
+def minmax_quantize(x: ArrayLike, bits: int, channel_axis: Optional[int] = None,
+                    symmetric: bool = False) -> Array:
+  """Min-max quantization: ``fake_quant(x, *minmax_range(x, ...), bits)``.
+
+  x_hat has x's shape and dtype; gradient w.r.t. x is the clipped STE (which
+  is 1 everywhere since nothing is clipped); range gets no gradient.
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  axis = validate_channel_axis(channel_axis, x.ndim)
+  if x.size == 0:
+    return x
+  _eager_check_finite(x, "x")
+  lo, hi = _minmax_range_impl(x, axis, bool(symmetric), True)
+  return _fake_quant(x, lo, hi, bits, bool(symmetric))
+
+
+# ----------------------------------------------------------------------------
+# LSQ: learned step size quantization (Esser et al., ICLR 2020)
+# ----------------------------------------------------------------------------
+
+def lsq_bounds(bits: int, signed: bool = True) -> Tuple[int, int]:
+  """(Q_N, Q_P) of LSQ: (2^(b-1), 2^(b-1) - 1) signed, (0, 2^b - 1) unsigned."""
+  bits = validate_bits(bits)
+  if signed:
+    return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+  return 0, 2 ** bits - 1
+
+
+def lsq_range(step: ArrayLike, bits: int, signed: bool = True) -> Tuple[Array, Array]:
+  """(lo, hi) = (-Q_N s, Q_P s): the LSQ grid as an asymmetric [lo, hi] grid.
+
+  ``fake_quant(x, *lsq_range(s, b), b)`` equals ``lsq_quantize(x, s, b)`` in the
+  forward pass (up to float rounding) and ``quantize_int`` with this range
+  gives LSQ's integer codes (shifted by Q_N), scale s and zero point Q_N.
+  """
+  qn, qp = lsq_bounds(bits, signed)
+  step = _param(step, "step")
+  return -qn * step, qp * step
+
+
+def _sum_to_shape(a: Array, shape: Sequence[int]) -> Array:
+  """Sums ``a`` over the axes along which ``shape`` was broadcast to a.shape."""
+  shape = tuple(shape)
+  lead = a.ndim - len(shape)
+  if lead:
+    a = jnp.sum(a, axis=tuple(range(lead)))
+  axes = tuple(i for i, d in enumerate(shape) if d == 1 and a.shape[i] != 1)
+  if axes:
+    a = jnp.sum(a, axis=axes, keepdims=True)
+  return a.reshape(shape)
+
+
+def _lsq_prep(x, step, bits, signed):
+  qn, qp = lsq_bounds(bits, signed)
+  cdt = _compute_dtype(jnp.promote_types(x.dtype, step.dtype))
+  s = jnp.maximum(step.astype(cdt), jnp.finfo(cdt).tiny)
+  return float(qn), float(qp), s, x.astype(cdt) / s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lsq(x, step, bits, signed):
+  qn, qp, s, v = _lsq_prep(x, step, bits, signed)
+  return (jnp.round(jnp.clip(v, -qn, qp)) * s).astype(x.dtype)
+
+
+def _lsq_fwd(x, step, bits, signed):
+  return _lsq(x, step, bits, signed), (x, step)
+
+
+def _lsq_bwd(bits, signed, res, g):
+  x, step = res
+  qn, qp, s, v = _lsq_prep(x, step, bits, signed)
+  below, above = v < -qn, v > qp
+  dx = jnp.where(below | above, jnp.zeros_like(g), g)
+  factor = jnp.where(below, -qn, jnp.where(above, qp, jnp.round(v) - v))
+  grad_scale = 1.0 / np.sqrt(x.size * qp)
+  ds = _sum_to_shape(g.astype(s.dtype) * factor * grad_scale, step.shape)
+  return dx, ds.astype(step.dtype)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) -> Array:
+  """LSQ fake quantization: x_hat = round(clip(x / s, -Q_N, Q_P)) * s.
+
+  Q_N = 2^(b-1), Q_P = 2^(b-1) - 1 if ``signed`` else Q_N = 0, Q_P = 2^b - 1.
+
+  Args:
+    x: float array, any shape.
+    step: s > 0, a 0-d array (per tensor) or an array broadcastable to
+      x.shape (per channel, keepdims-shaped); normally a learnable param.
+    bits: Python int in [2, 16].
+    signed: grid [-Q_N, Q_P] (True) or [0, Q_P] (False).
+
+  Returns:
+    x_hat with x's shape and dtype (computed in float32, or float64 for f64).
+
+  Gradient (custom_vjp, the LSQ paper's eqs. 3-5), with v = x / s:
+    dx = g * 1[-Q_N <= v <= Q_P];
+    ds = sum over the broadcast axes of
+         g * (round(v) - v  if -Q_N <= v <= Q_P;  -Q_N if v < -Q_N;  Q_P if v > Q_P)
+         * grad_scale,   grad_scale = 1 / sqrt(x.size * Q_P),
+    reduced to step's shape and dtype.
+
+  A non-positive step raises ValueError in eager mode; under jit it is
+  clamped to the smallest positive normal float (no NaN, zero step gradient
+  from the clamp is not modelled: keep the step positive).
+
+  Raises:
+    ValueError: bad bits, non-float x, step not broadcastable to x.shape,
+      (eager) step <= 0 or NaN/Inf in x or step.
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  step = _param(step, "step")
+  if not jnp.issubdtype(step.dtype, jnp.floating):
+    step = step.astype(_compute_dtype(x.dtype))
+  _check_broadcast(x.shape, step=step.shape)
+  if x.size == 0:
+    return x
+  _eager_check_finite(x, "x")
+  _eager_check_finite(step, "step")
+  if not _is_traced(step) and step.size and not bool(jnp.all(step > 0)):
+    raise ValueError(f"step must be > 0 (valid range (0, inf)); got min "
+                     f"{float(jnp.min(step))}")
+  return _lsq(x, step, bits, bool(signed))
+
+
+def lsq_init_step(x: ArrayLike, bits: int, signed: bool = True,
+                  channel_axis: Optional[int] = None) -> Array:
+  """LSQ's step initialisation s0 = 2 mean|x| / sqrt(Q_P).
+
+  Returns a float32 (float64 for f64 x) array: 0-d per tensor, or keepdims
+  shape (size 1 except on ``channel_axis``) per channel. Floored at
+  LSQ_MIN_STEP = 1e-8 so an all-zero x still gets a positive step; an empty x
+  gives 1.0. No gradient flows to x (stop_gradient).
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  axis = validate_channel_axis(channel_axis, x.ndim)
+  _, qp = lsq_bounds(bits, signed)
+  cdt = _compute_dtype(x.dtype)
+  if x.size == 0:
+    return jnp.ones(_stats_shape(x.shape, axis), cdt)
+  _eager_check_finite(x, "x")
+  xs = jnp.abs(jax.lax.stop_gradient(x).astype(cdt))
+  m = jnp.mean(xs, axis=_reduce_axes(x.ndim, axis), keepdims=axis is not None)
+  return jnp.maximum(2.0 * m / np.sqrt(qp), LSQ_MIN_STEP).astype(cdt)
+
+
+# ----------------------------------------------------------------------------
+# Stochastic rounding
+# ----------------------------------------------------------------------------
+
+@jax.custom_vjp
+def _stochastic_round(x, key):
+  xc = x.astype(_compute_dtype(x.dtype))
+  f = jnp.floor(xc)
+  u = jax.random.uniform(key, x.shape, xc.dtype)
+  return (f + (u < xc - f).astype(xc.dtype)).astype(x.dtype)
+
+
+def _sr_fwd(x, key):
+  return _stochastic_round(x, key), None
+
+
+def _sr_bwd(_, g):
+  return g, None
+
+
+_stochastic_round.defvjp(_sr_fwd, _sr_bwd)
+
+
+def stochastic_round(x: ArrayLike, key: Array) -> Array:
+  """Unbiased stochastic rounding to integers: E[stochastic_round(x)] = x.
+
+  Each element becomes floor(x) + 1 with probability x - floor(x), else
+  floor(x) (one uniform draw per element from ``key``; integers stay exact).
+  Combine with a scale for stochastic grid rounding: s * stochastic_round(x / s).
+
+  Args:
+    x: float array, any shape/dtype.
+    key: a JAX PRNG key (raw uint32[2] or typed key).
+
+  Returns: array with x's shape and dtype.
+  Gradient: straight-through, dx = g (custom_vjp); no gradient for key.
+  Raises ValueError for non-float x and (eager) NaN/Inf.
+  """
+  x = _as_float(x)
+  if x.size == 0:
+    return x
+  _eager_check_finite(x, "x")
+  return _stochastic_round(x, key)
