@@ -103,9 +103,12 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType({
 
 
 def get_info(name: str) -> DatasetInfo:
-  """The :class:`DatasetInfo` of ``name``; ValueError naming the valid names otherwise."""
+  """The :class:`DatasetInfo` of ``name``; ValueError naming the valid names otherwise.
+
+  A tfds config suffix is accepted (``"imagenette/320px-v2"`` -> imagenette's info).
+  """
   try:
-    return DATASETS[name]
+    return DATASETS[name.split("/")[0]]
   except KeyError:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
 
@@ -694,19 +697,22 @@ class _Raised:
     self.exc = exc
 
 
-def _device_put(batch: Any, axis_name: str) -> Any:
+def _device_put(batch: Any, axis_name: str, cache: Dict[int, Any]) -> Any:
+  """Puts every leaf ``(D, ...)`` on the first D local devices, sharded along axis 0."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  devices = jax.local_devices()
 
   def put(x):
     x = np.asarray(x)
     d = x.shape[0] if x.ndim else 0
-    if not 1 <= d <= len(devices):
-      raise ValueError(f"batch leaf of shape {x.shape}: leading device axis {d} must be in "
-                       f"[1, {len(devices)}] (the local device count)")
-    mesh = Mesh(np.asarray(devices[:d]), (axis_name,))
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis_name)))
+    if d not in cache:
+      devices = jax.local_devices()
+      if not 1 <= d <= len(devices):
+        raise ValueError(f"batch leaf of shape {x.shape}: leading device axis {d} must be in "
+                         f"[1, {len(devices)}] (the local device count)")
+      cache[d] = NamedSharding(Mesh(np.asarray(devices[:d]), (axis_name,)),
+                               PartitionSpec(axis_name))
+    return jax.device_put(x, cache[d])
 
   return jax.tree.map(put, batch)
 
@@ -736,10 +742,11 @@ def prefetch(iterator: Iterator[Any], size: int = 2, device_put: bool = True,
     return False
 
   def work():
+    shardings: Dict[int, Any] = {}
     try:
       for item in iterator:
         if device_put:
-          item = _device_put(item, axis_name)
+          item = _device_put(item, axis_name, shardings)
         if not offer(item):
           return
       offer(_END)

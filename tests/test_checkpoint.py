@@ -92,6 +92,8 @@ def test_mismatched_target_raises(tmp_path):
     ckpt.restore_latest(manager, jax.eval_shape(lambda: _state(0, quant=True)))
 
 
+# orbax's async reader logs "Event loop is closed" from a worker after the failed read.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_checkpoint_raises(tmp_path):
   manager = ckpt.make_manager(str(tmp_path / "ck"))
   ckpt.save(manager, 5, jax.device_get(_state(0)))
