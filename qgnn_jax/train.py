@@ -152,15 +152,17 @@ def unreplicate(tree: Any) -> Any:
 # ----------------------------------------------------------------------------- loss and steps
 
 
-def loss_and_metrics(params: Any, state: TrainState, batch: Batch, rng: jax.Array,
-                     model: nn.Module, loss_cfg: LossConfig, num_classes: int):
+def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax.Array,
+                     quant_rng: jax.Array, model: nn.Module, loss_cfg: LossConfig,
+                     num_classes: int):
   """L = CE(z_s, y) + alpha * AQD + beta * SQD on one device's batch.
 
+  drop_rng drives dropout / drop-path (per device); quant_rng the SQD teacher's
+  bypass mask (the same on every device: one mask per step).
   Returns (loss, (metrics, new_model_state)). The teacher passes (FP for AQD,
   stochastic for SQD) run only when their weight is non-zero; their outputs
   are constants and their BN/EMA updates are discarded.
   """
-  drop_rng, quant_rng = jax.random.split(rng)
   variables = state.variables(params)
   images = batch["image"]
   need_feats = loss_cfg.alpha > 0
@@ -193,10 +195,11 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, rng: jax.Arra
   return loss, (metrics, new_state)
 
 
-def _step_rng(state: TrainState) -> jax.Array:
-  key = jax.random.wrap_key_data(state.rng)
-  key = jax.random.fold_in(key, state.step)
-  return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+def _step_rngs(state: TrainState) -> Tuple[jax.Array, jax.Array]:
+  """(dropout key: per step and device, quant key: per step) from the base key."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  drop_key, quant_key = jax.random.split(key)
+  return jax.random.fold_in(drop_key, jax.lax.axis_index(AXIS)), quant_key
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -205,7 +208,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   """One optimisation step on one device's shard; call through `make_train_step`."""
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
   (_, (metrics, new_model_state)), grads = grad_fn(
-      state.params, state, batch, _step_rng(state), model, loss_cfg, num_classes)
+      state.params, state, batch, *_step_rngs(state), model, loss_cfg, num_classes)
   grads = jax.lax.pmean(grads, AXIS)
   metrics["grad_norm"] = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
