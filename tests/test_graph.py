@@ -169,12 +169,12 @@ def _np_variables(module, *args, seed=0, **kwargs):
     name = str(getattr(path[-1], "key", path[-1]))
     if name == "kernel":
       fan_in = s.shape[-2] if len(s.shape) == 3 else int(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+      return np.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
     if name in ("bias", "mean"):
-      return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
+      return np.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
     if name in ("scale", "var"):
-      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-    return jnp.zeros(s.shape, s.dtype)
+      return np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+    return np.zeros(s.shape, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 

@@ -31,16 +31,16 @@ def _np_variables(module, *args, seed=0, **kwargs):
     name = str(getattr(path[-1], "key", path[-1]))
     if name == "kernel":
       fan_in = s.shape[-2] if len(s.shape) == 3 else int(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+      return np.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
     if name in ("bias", "mean"):
-      return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
+      return np.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
     if name in ("scale", "var"):
-      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+      return np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
     if name in ("w_step", "a_step"):
-      return jnp.ones(s.shape, s.dtype)
+      return np.ones(s.shape, s.dtype)
     if name == "site":
-      return jnp.full(s.shape, bits, s.dtype)
-    return jnp.zeros(s.shape, s.dtype)
+      return np.full(s.shape, bits, s.dtype)
+    return np.zeros(s.shape, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
@@ -169,16 +169,20 @@ def test_stochastic_mode_needs_quant_rng(small_vig):
 def _as_matrix(kernel):
   """(fan_in, C_out) view of a kernel, as QuantDense/QuantConv quantize it (grouped
   (G, Cin/G, Cout/G) -> (Cin/G, Cout); conv (kh, kw, Cin, Cout) -> (kh*kw*Cin, Cout))."""
-  kernel = jnp.asarray(kernel)
+  kernel = np.asarray(kernel)
   if kernel.ndim == 3:
-    return jnp.transpose(kernel, (1, 0, 2)).reshape(kernel.shape[1], -1)
+    return np.transpose(kernel, (1, 0, 2)).reshape(kernel.shape[1], -1)
   return kernel.reshape(-1, kernel.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_weight(cfg, w):
+  return QuantSite(cfg).apply({}, w, method=lambda m, w: m._quantize_weight(w, False))
 
 
 def _seen_kernel(cfg, kernel):
   """The kernel seen through the weight quantizer, as a (fan_in, C_out) matrix."""
-  w = QuantSite(cfg).apply({}, _as_matrix(kernel), method=lambda m, w: m._quantize_weight(w, False))
-  return np.asarray(w)
+  return np.asarray(_quantize_weight(cfg, _as_matrix(kernel)))
 
 
 def test_w4a4_pq_weights_take_at_most_16_values_per_channel(small_vig):
