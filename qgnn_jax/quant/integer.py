@@ -14,6 +14,7 @@ Any quantizer maps to a range: PQ -> ``pauta_range``, min-max ->
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple, Union
 
@@ -21,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from qgnn_jax.quant.quantizers import (Array, ArrayLike, _as_float, _check_broadcast,
-                                       _compute_dtype, _eager_check_finite, _is_traced,
-                                       _param, validate_bits)
+                                       _compute_dtype, _concrete, _is_traced, _levels,
+                                       _nonfinite_counts, _param, _raise_nonfinite,
+                                       validate_bits)
 
 __all__ = ["quantize_int", "dequantize", "pack_bits", "unpack_bits", "packed_nbytes"]
 
@@ -55,27 +57,35 @@ def quantize_int(x: ArrayLike, bits: int, lo: ArrayLike, hi: ArrayLike,
   bits = validate_bits(bits)
   x = _as_float(x)
   lo, hi = _param(lo, "lo"), _param(hi, "hi")
-  _check_broadcast(x.shape, lo=lo.shape, hi=hi.shape)
-  _eager_check_finite(x, "x")
-  _eager_check_finite(lo, "lo")
-  _eager_check_finite(hi, "hi")
+  _check_broadcast(x.shape, lo=jnp.shape(lo), hi=jnp.shape(hi))
+  check = _concrete(x, lo, hi)
+  codes, scale, zero_point, bad = _quantize_int_entry(
+      x, lo, hi, _levels(bits, bool(symmetric)), bool(symmetric), check)
+  if check:
+    _raise_nonfinite(bad, ("x", "lo", "hi"))
+  return codes, scale, zero_point
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _quantize_int_entry(x, lo, hi, levels, symmetric, check):
   cdt = _compute_dtype(x.dtype)
-  xc, lo, hi = x.astype(cdt), lo.astype(cdt), hi.astype(cdt)
+  bad = _nonfinite_counts(x, lo, hi) if check else None
+  xc, lo, hi = x.astype(cdt), jnp.asarray(lo, cdt), jnp.asarray(hi, cdt)
   lo, hi = jnp.broadcast_arrays(lo, hi)
   if symmetric:
-    qp = float(2 ** (bits - 1) - 1)
+    qp = levels
     a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     valid = a > 0
     scale = jnp.where(valid, a / qp, 1.0)
     codes = jnp.where(valid, jnp.round(jnp.clip(xc, -a, a) / scale), 0.0)
     zero_point = jnp.zeros_like(scale)
   else:
-    n = float(2 ** bits - 1)
+    n = levels
     valid = hi > lo
     scale = jnp.where(valid, (hi - lo) / n, 1.0)
     codes = jnp.where(valid, jnp.round((jnp.clip(xc, lo, hi) - lo) / scale), 0.0)
     zero_point = -lo / scale
-  return codes.astype(jnp.int32), scale, zero_point
+  return codes.astype(jnp.int32), scale, zero_point, bad
 
 
 def dequantize(codes: ArrayLike, scale: ArrayLike, zero_point: ArrayLike) -> Array:
@@ -119,16 +129,24 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
   codes = codes if _is_traced(codes) else jnp.asarray(codes)
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
-  if not _is_traced(codes) and codes.size:
-    cmin, cmax = int(jnp.min(codes)), int(jnp.max(codes))
+  check = not _is_traced(codes) and codes.size > 0
+  packed, span = _pack_entry(codes, bits, check)
+  if check:
+    cmin, cmax = int(span[0]), int(span[1])
     if cmin < -(2 ** (bits - 1)) or cmax > 2 ** bits - 1:
       raise ValueError(f"codes in [{cmin}, {cmax}] do not fit in bits={bits}; valid range "
                        f"is [{-(2 ** (bits - 1))}, {2 ** bits - 1}]")
+  return packed
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pack_entry(codes, bits, check):
+  span = (jnp.min(codes), jnp.max(codes)) if check else None
   flat = (codes.reshape(-1).astype(jnp.int32)) & (2 ** bits - 1)
   stream = ((flat[:, None] >> jnp.arange(bits, dtype=jnp.int32)) & 1).reshape(-1)
   pad = (-stream.shape[0]) % 8
   stream = jnp.pad(stream, (0, pad)).reshape(-1, 8)
-  return jnp.sum(stream << jnp.arange(8, dtype=jnp.int32), axis=1).astype(jnp.uint8)
+  return jnp.sum(stream << jnp.arange(8, dtype=jnp.int32), axis=1).astype(jnp.uint8), span
 
 
 def unpack_bits(packed: ArrayLike, bits: int, n: Union[int, Sequence[int]],
@@ -158,6 +176,13 @@ def unpack_bits(packed: ArrayLike, bits: int, n: Union[int, Sequence[int]],
   if packed.size < need:
     raise ValueError(f"packed has {packed.size} bytes but {count} codes of {bits} bits "
                      f"need {need}")
+  return _unpack_impl(packed, bits, shape, bool(signed))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unpack_impl(packed, bits, shape, signed):
+  count = math.prod(shape)
+  need = -(-count * bits // 8)
   stream = ((packed.reshape(-1)[:need, None].astype(jnp.int32)
              >> jnp.arange(8, dtype=jnp.int32)) & 1).reshape(-1)[:count * bits]
   codes = jnp.sum(stream.reshape(count, bits) << jnp.arange(bits, dtype=jnp.int32), axis=1)

@@ -126,19 +126,21 @@ def check_finite(x: ArrayLike, name: str = "x") -> None:
   if _is_traced(x):
     checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
     return
-  bad = int(jnp.sum(~jnp.isfinite(x)))
+  bad = int(_count_nonfinite(x))
   if bad:
     raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of "
                      f"{x.size}; quantizers need finite inputs")
 
 
-def _eager_check_finite(x: Array, name: str) -> None:
-  if not _is_traced(x):
-    check_finite(x, name)
+@jax.jit
+def _count_nonfinite(x: Array) -> Array:
+  return jnp.sum(~jnp.isfinite(x))
 
 
-def _as_float(x: ArrayLike, name: str = "x") -> Array:
-  x = x if _is_traced(x) else jnp.asarray(x)
+def _as_float(x: ArrayLike, name: str = "x") -> Any:
+  """x unchanged if it is an array (jax, numpy or tracer), else jnp.asarray(x)."""
+  if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+    x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
                      f"float64), got {x.dtype}")
@@ -163,55 +165,97 @@ def _check_broadcast(x_shape: Sequence[int], **params: Sequence[int]) -> None:
                      f"channel axis)")
 
 
-def _param(v: ArrayLike, name: str) -> Array:
-  v = v if _is_traced(v) else jnp.asarray(v)
-  if not jnp.issubdtype(v.dtype, jnp.inexact) and not jnp.issubdtype(v.dtype, jnp.integer):
+def _param(v: ArrayLike, name: str) -> Any:
+  """A range/step argument: Python scalars stay scalars (weakly typed in jit)."""
+  if isinstance(v, (bool, np.bool_)):
+    raise ValueError(f"{name}={v!r} must be a number or a float array, not bool")
+  if isinstance(v, (int, float, np.integer, np.floating)):
+    return v
+  if not (hasattr(v, "dtype") and hasattr(v, "shape")):
+    v = jnp.asarray(v)
+  if not (jnp.issubdtype(v.dtype, jnp.inexact) or jnp.issubdtype(v.dtype, jnp.integer)):
     raise ValueError(f"{name} must be numeric, got dtype {v.dtype}")
   return v
+
+
+def _concrete(*vs: Any) -> bool:
+  """True when no argument is traced: eager mode, where values can be checked."""
+  return not any(_is_traced(v) for v in vs)
+
+
+def _nonfinite_counts(*vs: Any) -> Tuple[Array, ...]:
+  return tuple(jnp.sum(~jnp.isfinite(jnp.asarray(v))) for v in vs)
+
+
+def _raise_nonfinite(counts: Sequence[Any], names: Sequence[str]) -> None:
+  for c, name in zip(counts, names):
+    c = int(c)
+    if c:
+      raise ValueError(f"{name} contains {c} non-finite value(s) (NaN or Inf); quantizers "
+                       f"need finite inputs (eager mode check, see check_finite for jit)")
+
+
+def _levels(bits: int, symmetric: bool) -> float:
+  """Largest code: 2^b - 1 (asymmetric) or 2^(b-1) - 1 (symmetric)."""
+  return float(2 ** (bits - 1) - 1) if symmetric else float(2 ** bits - 1)
 
 
 # ----------------------------------------------------------------------------
 # fake_quant: uniform grid with the clipped straight-through estimator
 # ----------------------------------------------------------------------------
+#
+# Layout of every quantizer below: a custom_vjp core on arrays in the compute
+# dtype; a jitted entry point (one dispatch and one compilation per shape in
+# eager mode, inlined when the caller is traced) that also returns the
+# non-finite counts when `check` (static) is set, i.e. in eager mode; and the
+# public wrapper that validates the Python-level arguments. The grid size
+# `levels` is a traced scalar, so changing `bits` does not recompile.
 
-def _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask):
-  """Forward on x (any float dtype) with lo/hi already in the compute dtype."""
+def _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask):
+  """Forward on x (any float dtype) with lo/hi/levels in the compute dtype."""
   xc = x.astype(lo.dtype)
   if symmetric:
-    qp = float(2 ** (bits - 1) - 1)
     a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     valid = a > 0
-    s = jnp.where(valid, a / qp, 1.0)
+    s = jnp.where(valid, a / levels, 1.0)
     out = jnp.where(valid, s * jnp.round(jnp.clip(xc, -a, a) / s), xc)
     lo_c, hi_c = -a, a
   else:
-    n = float(2 ** bits - 1)
     valid = hi > lo
-    s = jnp.where(valid, (hi - lo) / n, 1.0)
+    s = jnp.where(valid, (hi - lo) / levels, 1.0)
     out = jnp.where(valid, lo + s * jnp.round((jnp.clip(xc, lo, hi) - lo) / s), xc)
     lo_c, hi_c = lo, hi
   mask = ((xc >= lo_c) & (xc <= hi_c)) | ~valid if need_mask else None
   return out.astype(x.dtype), mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fake_quant(x, lo, hi, bits, symmetric):
-  return _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fake_quant(x, lo, hi, levels, symmetric):
+  return _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask=False)[0]
 
 
-def _fake_quant_fwd(x, lo, hi, bits, symmetric):
-  out, mask = _fake_quant_fwd_impl(x, lo, hi, bits, symmetric, need_mask=True)
+def _fake_quant_fwd(x, lo, hi, levels, symmetric):
+  out, mask = _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask=True)
   # Residual: one bool per element plus the (small) range arrays.
-  return out, (jnp.broadcast_to(mask, x.shape), lo, hi)
+  return out, (jnp.broadcast_to(mask, x.shape), lo, hi, levels)
 
 
-def _fake_quant_bwd(bits, symmetric, res, g):
-  del bits, symmetric
-  mask, lo, hi = res
-  return jnp.where(mask, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
+def _fake_quant_bwd(symmetric, res, g):
+  del symmetric
+  mask, lo, hi, levels = res
+  return (jnp.where(mask, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi),
+          jnp.zeros_like(levels))
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _fake_quant_entry(x, lo, hi, levels, symmetric, check):
+  cdt = _compute_dtype(x.dtype)
+  out = _fake_quant(x, jnp.asarray(lo, cdt), jnp.asarray(hi, cdt), jnp.asarray(levels, cdt),
+                    symmetric)
+  return out, (_nonfinite_counts(x, lo, hi) if check else None)
 
 
 def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
@@ -234,11 +278,13 @@ def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
     x_hat with ``x.shape`` and ``x.dtype``. Computed in float32 (float64 for
     f64 input) and cast back. Where the range is degenerate (hi <= lo, or
     a == 0 for the symmetric grid; e.g. a constant tensor) x is returned
-    unchanged, without NaN. An empty x is returned as is.
+    unchanged, without NaN. An empty x is returned as is. The end points are
+    reproduced up to float rounding (lo + s (2^b - 1) may differ from hi by
+    an ulp).
 
   Gradient (custom_vjp, clipped straight-through estimator):
     dx = g * 1[lo <= x <= hi] (1 everywhere a range is degenerate);
-    d lo = d hi = 0.
+    d lo = d hi = 0. Residual saved for the backward pass: a bool mask.
 
   Raises:
     ValueError: bad ``bits``, non-float x, lo/hi shapes that do not broadcast
@@ -247,14 +293,15 @@ def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
   bits = validate_bits(bits)
   x = _as_float(x)
   lo, hi = _param(lo, "lo"), _param(hi, "hi")
-  _check_broadcast(x.shape, lo=lo.shape, hi=hi.shape)
+  _check_broadcast(x.shape, lo=np.shape(lo), hi=np.shape(hi))
   if x.size == 0:
-    return x
-  _eager_check_finite(x, "x")
-  _eager_check_finite(lo, "lo")
-  _eager_check_finite(hi, "hi")
-  cdt = _compute_dtype(x.dtype)
-  return _fake_quant(x, lo.astype(cdt), hi.astype(cdt), bits, bool(symmetric))
+    return jnp.asarray(x)
+  check = _concrete(x, lo, hi)
+  out, bad = _fake_quant_entry(x, lo, hi, _levels(bits, bool(symmetric)), bool(symmetric),
+                               check)
+  if check:
+    _raise_nonfinite(bad, ("x", "lo", "hi"))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -302,6 +349,32 @@ def _minmax_range_impl(x, axis, symmetric, stop_grad):
   return jnp.min(xs, axis=red, keepdims=keep), jnp.max(xs, axis=red, keepdims=keep)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _pauta_range_entry(x, lam, axis, symmetric, stop_grad, check):
+  lo, hi = _pauta_range_impl(x, lam, axis, symmetric, stop_grad)
+  return lo, hi, (_nonfinite_counts(x) if check else None)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _minmax_range_entry(x, axis, symmetric, stop_grad, check):
+  lo, hi = _minmax_range_impl(x, axis, symmetric, stop_grad)
+  return lo, hi, (_nonfinite_counts(x) if check else None)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _pauta_quantize_entry(x, lam, levels, axis, symmetric, check):
+  lo, hi = _pauta_range_impl(x, lam, axis, symmetric, True)
+  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
+  return out, (_nonfinite_counts(x) if check else None)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _minmax_quantize_entry(x, levels, axis, symmetric, check):
+  lo, hi = _minmax_range_impl(x, axis, symmetric, True)
+  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
+  return out, (_nonfinite_counts(x) if check else None)
+
+
 def _empty_range(x, axis):
   z = jnp.zeros(_stats_shape(x.shape, axis), _compute_dtype(x.dtype))
   return z, z
@@ -346,8 +419,11 @@ def pauta_range(x: ArrayLike, lam: float = 3.0, channel_axis: Optional[int] = No
   axis = validate_channel_axis(channel_axis, x.ndim)
   if x.size == 0:
     return _empty_range(x, axis)
-  _eager_check_finite(x, "x")
-  return _pauta_range_impl(x, lam, axis, bool(symmetric), stop_grad)
+  check = _concrete(x)
+  lo, hi, bad = _pauta_range_entry(x, lam, axis, bool(symmetric), bool(stop_grad), check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return lo, hi
 
 
 def pauta_quantize(x: ArrayLike, bits: int, lam: float = 3.0,
@@ -366,10 +442,13 @@ def pauta_quantize(x: ArrayLike, bits: int, lam: float = 3.0,
   validate_lam(lam)
   axis = validate_channel_axis(channel_axis, x.ndim)
   if x.size == 0:
-    return x
-  _eager_check_finite(x, "x")
-  lo, hi = _pauta_range_impl(x, lam, axis, bool(symmetric), True)
-  return _fake_quant(x, lo, hi, bits, bool(symmetric))
+    return jnp.asarray(x)
+  check = _concrete(x)
+  out, bad = _pauta_quantize_entry(x, lam, _levels(bits, bool(symmetric)), axis,
+                                   bool(symmetric), check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return out
 
 
 def minmax_range(x: ArrayLike, channel_axis: Optional[int] = None,
@@ -384,8 +463,11 @@ def minmax_range(x: ArrayLike, channel_axis: Optional[int] = None,
   axis = validate_channel_axis(channel_axis, x.ndim)
   if x.size == 0:
     return _empty_range(x, axis)
-  _eager_check_finite(x, "x")
-  return _minmax_range_impl(x, axis, bool(symmetric), stop_grad)
+  check = _concrete(x)
+  lo, hi, bad = _minmax_range_entry(x, axis, bool(symmetric), bool(stop_grad), check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return lo, hi
 
 
 def minmax_quantize(x: ArrayLike, bits: int, channel_axis: Optional[int] = None,
@@ -394,15 +476,19 @@ def minmax_quantize(x: ArrayLike, bits: int, channel_axis: Optional[int] = None,
 
   x_hat has x's shape and dtype; gradient w.r.t. x is the clipped STE (which
   is 1 everywhere since nothing is clipped); range gets no gradient.
+  Raises ValueError for bad bits/channel_axis and (eager) NaN/Inf.
   """
   bits = validate_bits(bits)
   x = _as_float(x)
   axis = validate_channel_axis(channel_axis, x.ndim)
   if x.size == 0:
-    return x
-  _eager_check_finite(x, "x")
-  lo, hi = _minmax_range_impl(x, axis, bool(symmetric), True)
-  return _fake_quant(x, lo, hi, bits, bool(symmetric))
+    return jnp.asarray(x)
+  check = _concrete(x)
+  out, bad = _minmax_quantize_entry(x, _levels(bits, bool(symmetric)), axis, bool(symmetric),
+                                    check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -423,9 +509,10 @@ def lsq_range(step: ArrayLike, bits: int, signed: bool = True) -> Tuple[Array, A
   ``fake_quant(x, *lsq_range(s, b), b)`` equals ``lsq_quantize(x, s, b)`` in the
   forward pass (up to float rounding) and ``quantize_int`` with this range
   gives LSQ's integer codes (shifted by Q_N), scale s and zero point Q_N.
+  Shapes and dtype: those of ``step``.
   """
   qn, qp = lsq_bounds(bits, signed)
-  step = _param(step, "step")
+  step = jnp.asarray(_param(step, "step"))
   return -qn * step, qp * step
 
 
@@ -441,35 +528,41 @@ def _sum_to_shape(a: Array, shape: Sequence[int]) -> Array:
   return a.reshape(shape)
 
 
-def _lsq_prep(x, step, bits, signed):
-  qn, qp = lsq_bounds(bits, signed)
+def _lsq_scaled(x, step):
   cdt = _compute_dtype(jnp.promote_types(x.dtype, step.dtype))
   s = jnp.maximum(step.astype(cdt), jnp.finfo(cdt).tiny)
-  return float(qn), float(qp), s, x.astype(cdt) / s
+  return s, x.astype(cdt) / s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lsq(x, step, bits, signed):
-  qn, qp, s, v = _lsq_prep(x, step, bits, signed)
+@jax.custom_vjp
+def _lsq(x, step, qn, qp):
+  s, v = _lsq_scaled(x, step)
   return (jnp.round(jnp.clip(v, -qn, qp)) * s).astype(x.dtype)
 
 
-def _lsq_fwd(x, step, bits, signed):
-  return _lsq(x, step, bits, signed), (x, step)
+def _lsq_fwd(x, step, qn, qp):
+  return _lsq(x, step, qn, qp), (x, step, qn, qp)
 
 
-def _lsq_bwd(bits, signed, res, g):
-  x, step = res
-  qn, qp, s, v = _lsq_prep(x, step, bits, signed)
+def _lsq_bwd(res, g):
+  x, step, qn, qp = res
+  s, v = _lsq_scaled(x, step)
   below, above = v < -qn, v > qp
   dx = jnp.where(below | above, jnp.zeros_like(g), g)
   factor = jnp.where(below, -qn, jnp.where(above, qp, jnp.round(v) - v))
-  grad_scale = 1.0 / np.sqrt(x.size * qp)
+  grad_scale = jax.lax.rsqrt(x.size * qp)
   ds = _sum_to_shape(g.astype(s.dtype) * factor * grad_scale, step.shape)
-  return dx, ds.astype(step.dtype)
+  return dx, ds.astype(step.dtype), jnp.zeros_like(qn), jnp.zeros_like(qp)
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _lsq_entry(x, step, qn, qp, check):
+  cdt = _compute_dtype(jnp.promote_types(x.dtype, step.dtype))
+  out = _lsq(x, step, jnp.asarray(qn, cdt), jnp.asarray(qp, cdt))
+  return out, (_nonfinite_counts(x, step) + (jnp.min(step),) if check else None)
 
 
 def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) -> Array:
@@ -492,11 +585,11 @@ def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) 
     ds = sum over the broadcast axes of
          g * (round(v) - v  if -Q_N <= v <= Q_P;  -Q_N if v < -Q_N;  Q_P if v > Q_P)
          * grad_scale,   grad_scale = 1 / sqrt(x.size * Q_P),
-    reduced to step's shape and dtype.
+    reduced to step's shape and dtype. Residual: x and step.
 
   A non-positive step raises ValueError in eager mode; under jit it is
-  clamped to the smallest positive normal float (no NaN, zero step gradient
-  from the clamp is not modelled: keep the step positive).
+  clamped to the smallest positive normal float (no NaN; keep the step
+  positive, e.g. by parametrising it or clipping after the update).
 
   Raises:
     ValueError: bad bits, non-float x, step not broadcastable to x.shape,
@@ -505,17 +598,28 @@ def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) 
   bits = validate_bits(bits)
   x = _as_float(x)
   step = _param(step, "step")
-  if not jnp.issubdtype(step.dtype, jnp.floating):
-    step = step.astype(_compute_dtype(x.dtype))
+  if not (hasattr(step, "dtype") and jnp.issubdtype(step.dtype, jnp.floating)):
+    step = jnp.asarray(step, _compute_dtype(x.dtype))
   _check_broadcast(x.shape, step=step.shape)
   if x.size == 0:
-    return x
-  _eager_check_finite(x, "x")
-  _eager_check_finite(step, "step")
-  if not _is_traced(step) and step.size and not bool(jnp.all(step > 0)):
-    raise ValueError(f"step must be > 0 (valid range (0, inf)); got min "
-                     f"{float(jnp.min(step))}")
-  return _lsq(x, step, bits, bool(signed))
+    return jnp.asarray(x)
+  qn, qp = lsq_bounds(bits, signed)
+  check = _concrete(x, step)
+  out, bad = _lsq_entry(x, step, float(qn), float(qp), check)
+  if check:
+    _raise_nonfinite(bad[:2], ("x", "step"))
+    if step.size and not float(bad[2]) > 0:
+      raise ValueError(f"step must be > 0 (valid range (0, inf)); got min {float(bad[2])}")
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _lsq_init_entry(x, qp, axis, check):
+  cdt = _compute_dtype(x.dtype)
+  xs = jnp.abs(jax.lax.stop_gradient(x).astype(cdt))
+  m = jnp.mean(xs, axis=_reduce_axes(x.ndim, axis), keepdims=axis is not None)
+  s = jnp.maximum(2.0 * m * jax.lax.rsqrt(jnp.asarray(qp, cdt)), LSQ_MIN_STEP).astype(cdt)
+  return s, (_nonfinite_counts(x) if check else None)
 
 
 def lsq_init_step(x: ArrayLike, bits: int, signed: bool = True,
@@ -526,18 +630,19 @@ def lsq_init_step(x: ArrayLike, bits: int, signed: bool = True,
   shape (size 1 except on ``channel_axis``) per channel. Floored at
   LSQ_MIN_STEP = 1e-8 so an all-zero x still gets a positive step; an empty x
   gives 1.0. No gradient flows to x (stop_gradient).
+  Raises ValueError for bad bits/channel_axis and (eager) NaN/Inf.
   """
   bits = validate_bits(bits)
   x = _as_float(x)
   axis = validate_channel_axis(channel_axis, x.ndim)
   _, qp = lsq_bounds(bits, signed)
-  cdt = _compute_dtype(x.dtype)
   if x.size == 0:
-    return jnp.ones(_stats_shape(x.shape, axis), cdt)
-  _eager_check_finite(x, "x")
-  xs = jnp.abs(jax.lax.stop_gradient(x).astype(cdt))
-  m = jnp.mean(xs, axis=_reduce_axes(x.ndim, axis), keepdims=axis is not None)
-  return jnp.maximum(2.0 * m / np.sqrt(qp), LSQ_MIN_STEP).astype(cdt)
+    return jnp.ones(_stats_shape(x.shape, axis), _compute_dtype(x.dtype))
+  check = _concrete(x)
+  s, bad = _lsq_init_entry(x, float(qp), axis, check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return s
 
 
 # ----------------------------------------------------------------------------
@@ -563,6 +668,11 @@ def _sr_bwd(_, g):
 _stochastic_round.defvjp(_sr_fwd, _sr_bwd)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _stochastic_round_entry(x, key, check):
+  return _stochastic_round(x, key), (_nonfinite_counts(x) if check else None)
+
+
 def stochastic_round(x: ArrayLike, key: Array) -> Array:
   """Unbiased stochastic rounding to integers: E[stochastic_round(x)] = x.
 
@@ -580,6 +690,9 @@ def stochastic_round(x: ArrayLike, key: Array) -> Array:
   """
   x = _as_float(x)
   if x.size == 0:
-    return x
-  _eager_check_finite(x, "x")
-  return _stochastic_round(x, key)
+    return jnp.asarray(x)
+  check = _concrete(x)
+  out, bad = _stochastic_round_entry(x, key, check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return out
