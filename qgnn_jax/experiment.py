@@ -160,6 +160,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   splits = data_lib.load_splits(config.dataset, config.data_dir or None,
                                 val_holdout=int(config.val_holdout))
   (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
+  eval_split = splits["eval_split"]
+  if config.eval_on not in ("auto", "test", "validation"):
+    raise ValueError(f"eval_on={config.eval_on!r}; valid: 'auto', 'test', 'validation'")
+  if config.eval_on == "test" and eval_split != "test":
+    # Train without the held-out images (as the validation runs do), report test.
+    test = data_lib.load_splits(config.dataset, config.data_dir or None, val_holdout=0)
+    (x_eval, y_eval), eval_split = test["eval"], test["eval_split"]
+  elif config.eval_on == "validation" and eval_split != "validation":
+    raise ValueError("eval_on='validation' needs val_holdout > 0")
   steps_per_epoch = len(x_train) // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training images")
@@ -236,7 +245,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                                         steps_per_epoch)) == 0 and done < total_steps:
         ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
         writer.write({"step": done, "epoch": done / steps_per_epoch,
-                      "split": splits["eval_split"], **ev})
+                      "split": eval_split, **ev})
       if done % config.checkpoint_every == 0 and done < total_steps:
         save(done, seconds + time.perf_counter() - t0)
     step = min(stop_at, total_steps)
@@ -251,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
   ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
   writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch,
-                "split": splits["eval_split"], "final": True, **ev})
+                "split": eval_split, "final": True, **ev})
   writer.close()
   final = state_host()
   sizes = model_size_bytes(final.params, final.quant_stats)

@@ -8,6 +8,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "digits"
   c.data_dir = ""            # '' -> default search path / TFDS_DATA_DIR
   c.val_holdout = 0          # >0: hold out this many train images and evaluate on them
+  c.eval_on = "auto"         # auto (test, or validation when val_holdout > 0) | test | validation
   c.augment = True
   # Model and quantization
   c.model = "vig_digits"

@@ -15,8 +15,8 @@ def get_config():
   c.method = "pq+aqd+sqd"
   c.w_bits = c.a_bits = 4
   c.batch_size = 64
-  c.pretrain_fp_epochs = 30.0   # phase 1: FP
-  c.num_epochs = 10.0           # phase 2: QAT
+  c.pretrain_fp_epochs = 20.0   # phase 1: FP
+  c.num_epochs = 5.0            # phase 2: QAT
   c.lr = 2e-3
   c.warmup_epochs = 1.0
   c.log_every = 10

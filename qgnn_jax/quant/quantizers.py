@@ -184,15 +184,20 @@ def _concrete(*vs: Any) -> bool:
 
 
 def _nonfinite_counts(*vs: Any) -> Tuple[Array, ...]:
-  return tuple(jnp.sum(~jnp.isfinite(jnp.asarray(v))) for v in vs)
+  """Per input: True where it holds NaN/Inf (one cheap reduction each)."""
+  return tuple(~jnp.all(jnp.isfinite(jnp.asarray(v))) for v in vs)
 
 
-def _raise_nonfinite(counts: Sequence[Any], names: Sequence[str]) -> None:
-  for c, name in zip(counts, names):
-    c = int(c)
-    if c:
-      raise ValueError(f"{name} contains {c} non-finite value(s) (NaN or Inf); quantizers "
-                       f"need finite inputs (eager mode check, see check_finite for jit)")
+def _raise_nonfinite(flags: Sequence[Any], names: Sequence[str]) -> None:
+  for flag, name in zip(flags, names):
+    # Concrete inputs can still give traced flags, e.g. when flax checks a param
+    # initialiser's shape with jax.eval_shape: then there is nothing to check.
+    if _is_traced(flag):
+      continue
+    if bool(flag):
+      raise ValueError(f"{name} contains non-finite values (NaN or Inf); quantizers need "
+                       f"finite inputs (eager-mode check; under jit use check_finite with "
+                       f"checkify)")
 
 
 def _levels(bits: int, symmetric: bool) -> float:
@@ -318,61 +323,94 @@ def _stats_shape(shape: Sequence[int], axis: Optional[int]) -> Tuple[int, ...]:
   return tuple(d if i == axis else 1 for i, d in enumerate(shape))
 
 
+def _sum_min_max(xs, axis, stop_grad):
+  """(sum, min, max) of xs over all axes but ``axis`` (keepdims), or over all axes.
+
+  Without gradients this is one variadic reduction (one pass over x); with
+  stop_grad=False it is three differentiable jnp reductions.
+  """
+  red, keep = _reduce_axes(xs.ndim, axis), axis is not None
+  if not stop_grad:
+    return (jnp.sum(xs, axis=red, keepdims=keep), jnp.min(xs, axis=red, keepdims=keep),
+            jnp.max(xs, axis=red, keepdims=keep))
+  dims = tuple(range(xs.ndim)) if red is None else red
+  init = (jnp.zeros((), xs.dtype), jnp.full((), jnp.inf, xs.dtype),
+          jnp.full((), -jnp.inf, xs.dtype))
+
+  def combine(a, b):
+    return a[0] + b[0], jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])
+
+  out = jax.lax.reduce((xs, xs, xs), init, combine, dims)
+  shape = _stats_shape(xs.shape, axis)
+  return tuple(o.reshape(shape) for o in out)
+
+
+def _count(shape: Sequence[int], axis: Optional[int]) -> int:
+  return int(np.prod([d for i, d in enumerate(shape) if i != axis]))
+
+
 def _pauta_range_impl(x, lam, axis, symmetric, stop_grad):
+  """(lo, hi, (min, max)) in the compute dtype."""
   cdt = _compute_dtype(x.dtype)
   xs = (jax.lax.stop_gradient(x) if stop_grad else x).astype(cdt)
+  total, mn, mx = _sum_min_max(xs, axis, stop_grad)
+  mu = total / _count(x.shape, axis)
   red, keep = _reduce_axes(x.ndim, axis), axis is not None
-  mu = jnp.mean(xs, axis=red, keepdims=keep)
-  var = jnp.mean(jnp.square(xs - mu), axis=red, keepdims=keep)
+  var = jnp.mean(jnp.square(xs - mu), axis=red, keepdims=keep)  # two-pass: accurate
   pos = var > 0  # safe sqrt: finite gradient at sigma == 0 when stop_grad=False
   sigma = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
   lam = jnp.asarray(lam, cdt)
   if symmetric:
-    amax = jnp.max(jnp.abs(xs), axis=red, keepdims=keep)
-    a = jnp.minimum(jnp.abs(mu) + lam * sigma, amax)
-    return -a, a
-  mn = jnp.min(xs, axis=red, keepdims=keep)
-  mx = jnp.max(xs, axis=red, keepdims=keep)
-  # clip(., mn, mx) == the SPEC's max(mu - lam sigma, mn) / min(mu + lam sigma, mx)
-  # whenever mn <= mu <= mx, and also guarantees lo <= hi under rounding (a
-  # constant tensor gets lo == hi exactly).
-  return jnp.clip(mu - lam * sigma, mn, mx), jnp.clip(mu + lam * sigma, mn, mx)
+    a = jnp.minimum(jnp.abs(mu) + lam * sigma, jnp.maximum(-mn, mx))
+    lo, hi = -a, a
+  else:
+    # clip(., mn, mx) == the SPEC's max(mu - lam sigma, mn) / min(mu + lam sigma, mx)
+    # whenever mn <= mu <= mx, and also guarantees lo <= hi under rounding (a
+    # constant tensor gets lo == hi exactly).
+    lo, hi = jnp.clip(mu - lam * sigma, mn, mx), jnp.clip(mu + lam * sigma, mn, mx)
+  return lo, hi, (mn, mx)
 
 
 def _minmax_range_impl(x, axis, symmetric, stop_grad):
   cdt = _compute_dtype(x.dtype)
   xs = (jax.lax.stop_gradient(x) if stop_grad else x).astype(cdt)
-  red, keep = _reduce_axes(x.ndim, axis), axis is not None
+  total, mn, mx = _sum_min_max(xs, axis, stop_grad)
   if symmetric:
-    a = jnp.max(jnp.abs(xs), axis=red, keepdims=keep)
-    return -a, a
-  return jnp.min(xs, axis=red, keepdims=keep), jnp.max(xs, axis=red, keepdims=keep)
+    a = jnp.maximum(-mn, mx)
+    return -a, a, (mn, mx)
+  return mn, mx, (mn, mx)
+
+
+def _nonfinite_from_extrema(extrema):
+  """min and max are NaN-propagating, so NaN or +-Inf in x shows up in them."""
+  mn, mx = extrema
+  return (~jnp.all(jnp.isfinite(mn) & jnp.isfinite(mx)),)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _pauta_range_entry(x, lam, axis, symmetric, stop_grad, check):
-  lo, hi = _pauta_range_impl(x, lam, axis, symmetric, stop_grad)
-  return lo, hi, (_nonfinite_counts(x) if check else None)
+  lo, hi, extrema = _pauta_range_impl(x, lam, axis, symmetric, stop_grad)
+  return lo, hi, (_nonfinite_from_extrema(extrema) if check else None)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _minmax_range_entry(x, axis, symmetric, stop_grad, check):
-  lo, hi = _minmax_range_impl(x, axis, symmetric, stop_grad)
-  return lo, hi, (_nonfinite_counts(x) if check else None)
+  lo, hi, extrema = _minmax_range_impl(x, axis, symmetric, stop_grad)
+  return lo, hi, (_nonfinite_from_extrema(extrema) if check else None)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _pauta_quantize_entry(x, lam, levels, axis, symmetric, check):
-  lo, hi = _pauta_range_impl(x, lam, axis, symmetric, True)
+  lo, hi, extrema = _pauta_range_impl(x, lam, axis, symmetric, True)
   out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
-  return out, (_nonfinite_counts(x) if check else None)
+  return out, (_nonfinite_from_extrema(extrema) if check else None)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _minmax_quantize_entry(x, levels, axis, symmetric, check):
-  lo, hi = _minmax_range_impl(x, axis, symmetric, True)
+  lo, hi, extrema = _minmax_range_impl(x, axis, symmetric, True)
   out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
-  return out, (_nonfinite_counts(x) if check else None)
+  return out, (_nonfinite_from_extrema(extrema) if check else None)
 
 
 def _empty_range(x, axis):

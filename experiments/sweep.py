@@ -1,0 +1,261 @@
+"""Ablation sweep: FP per seed -> validation sweeps -> main table, then CSV / Markdown / PNG.
+
+    python -m experiments.sweep --config experiments/configs/fashion_mnist_ablation.py \
+        --workdir runs/ablation [--parallel N] [--out experiments/results/fashion_mnist]
+
+Every run is a `python -m experiments.run` subprocess with its own workdir; a run
+whose results.json exists is skipped, so the sweep resumes after a crash. With
+--parallel N, N runs share the machine (useful on a GPU; on 2 CPU cores use 1).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Ablation config (get_config()).")
+flags.DEFINE_string("workdir", "runs/ablation", "Where the runs' workdirs go.")
+flags.DEFINE_string("out", "experiments/results/fashion_mnist", "Where tables and plots go.")
+flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+flags.DEFINE_string("phases", "fp,sweep,main,report",
+                    "Phases to run, in order; 'report' alone rebuilds the outputs from "
+                    "the results.json files already there.")
+flags.DEFINE_float("deadline_s", 0.0, "If > 0, start no new run after this many seconds.")
+
+CSV_FIELDS = ("run", "dataset", "model", "method", "w_bits", "a_bits", "seed", "top1", "fp_top1",
+              "train_steps", "train_seconds", "params", "model_bytes_fp32",
+              "model_bytes_quantized")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One experiments.run invocation: name (= workdir basename) and config overrides."""
+  name: str
+  overrides: Tuple[Tuple[str, str], ...]
+
+
+def _fmt(v) -> str:
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+def fp_runs(cfg) -> List[Run]:
+  seeds = max(n for _, n in parse_seeds(cfg.seeds).items())
+  return [Run(f"fp_s{s}", (("method", "fp"), ("seed", str(s)), ("num_epochs", _fmt(cfg.fp_epochs)),
+                          ("lr", _fmt(cfg.fp_lr)), ("drop_path", _fmt(cfg.fp_drop_path)),
+                          ("eval_on", "test")))
+          for s in range(seeds)]
+
+
+def parse_seeds(spec: str) -> Dict[int, int]:
+  """'4:2,2:3' -> {4: 2, 2: 3}."""
+  return {int(b): int(n) for b, n in (item.split(":") for item in spec.split(","))}
+
+
+def parse_sweeps(spec: str) -> List[Tuple[str, str, int, List[str]]]:
+  """'lam:pq:4:2,3;...' -> [(field, method, bits, [values])]."""
+  out = []
+  for item in filter(None, spec.split(";")):
+    field, method, bits, values = item.split(":")
+    out.append((field, method, int(bits), values.split(",")))
+  return out
+
+
+def qat_run(cfg, workdir: str, method: str, bits: int, seed: int, eval_on: str,
+            extra: Sequence[Tuple[str, str]] = (), tag: str = "") -> Run:
+  name = f"{method.replace('+', '_')}_w{bits}a{bits}_s{seed}{tag}"
+  ov = [("method", method), ("w_bits", str(bits)), ("a_bits", str(bits)), ("seed", str(seed)),
+        ("num_epochs", _fmt(cfg.qat_epochs)), ("lr", _fmt(cfg.qat_lr)),
+        ("warmup_epochs", _fmt(cfg.qat_warmup_epochs)), ("eval_on", eval_on),
+        ("init_from", os.path.join(workdir, f"fp_s{seed}"))]
+  return Run(name, tuple(ov) + tuple(extra))
+
+
+def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
+  """(field, value, run) for every sweep point; seed 0, evaluated on validation."""
+  out = []
+  for field, method, bits, values in parse_sweeps(cfg.sweeps):
+    for v in values:
+      out.append((field, v, qat_run(cfg, workdir, method, bits, 0, "validation",
+                                    ((field, v),), tag=f"_{field}{v}")))
+  return out
+
+
+def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
+  seeds = parse_seeds(cfg.seeds)
+  runs = []
+  for bits in sorted({int(b) for b in cfg.bits.split(",")} | {3}, reverse=True):
+    methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
+    if bits == 3 and 3 not in seeds:
+      continue
+    for method in methods:
+      extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
+      for s in range(seeds[bits]):
+        runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
+  return runs
+
+
+def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: bool = True,
+            deadline: float = 0.0) -> List[Optional[dict]]:
+  """Runs what is missing (parallel subprocesses); returns each run's results (or None).
+
+  run_missing=False only collects existing results; no run starts after the
+  wall-clock time `deadline` (if > 0).
+  """
+  def one(run: Run) -> Optional[dict]:
+    wd = os.path.join(workdir, run.name)
+    res = os.path.join(wd, "results.json")
+    if not os.path.exists(res):
+      if not run_missing or (deadline and time.time() > deadline):
+        return None
+      os.makedirs(wd, exist_ok=True)
+      overrides = [f"--config.{k}={v}" for k, v in cfg.run.items() if k not in dict(run.overrides)]
+      overrides += [f"--config.{k}={v}" for k, v in run.overrides]
+      cmd = [sys.executable, "-m", "experiments.run", f"--config={cfg.base_config}",
+             f"--workdir={wd}", *overrides]
+      t0 = time.time()
+      with open(os.path.join(wd, "log.txt"), "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+      print(f"[{time.strftime('%H:%M:%S')}] {run.name}: rc={rc} ({time.time() - t0:.0f} s)",
+            flush=True)
+      if rc != 0 or not os.path.exists(res):
+        return None
+    with open(res) as f:
+      return {"run": run.name, **json.load(f)}
+  with ThreadPoolExecutor(max(1, parallel)) as pool:
+    return list(pool.map(one, runs))
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def mean_std(xs: Sequence[float]) -> Tuple[float, float]:
+  return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pick_winners(points: Sequence[Tuple[str, str, Optional[dict]]]) -> Tuple[Dict[str, str], list]:
+  """Best value per field by mean validation top-1 (over its sweeps). Returns (winners, rows)."""
+  by_field: Dict[str, Dict[str, List[float]]] = {}
+  rows = []
+  for field, value, res in points:
+    if res is None:
+      continue
+    by_field.setdefault(field, {}).setdefault(value, []).append(res["top1"])
+    rows.append({"field": field, "value": value, "method": res["method"], "bits": res["w_bits"],
+                 "val_top1": res["top1"], "run": res["run"]})
+  winners = {f: max(vals, key=lambda v: statistics.mean(vals[v])) for f, vals in by_field.items()}
+  return winners, rows
+
+
+def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+
+
+def summarize(results: Sequence[dict], fp_results: Sequence[dict],
+              overhead: Optional[Dict[str, float]] = None) -> str:
+  """Markdown mean ± std top-1 (%) per method x bits, plus FP and the overhead column."""
+  cells: Dict[Tuple[str, int], List[float]] = {}
+  for r in results:
+    cells.setdefault((r["method"], r["w_bits"]), []).append(100 * r["top1"])
+  bits = sorted({b for _, b in cells}, reverse=True)
+  methods = list(dict.fromkeys(r["method"] for r in results))
+  head = "| method | " + " | ".join(f"W{b}A{b}" for b in bits) + " | step time vs pq |"
+  lines = [head, "|---|" + "---|" * (len(bits) + 1)]
+  if fp_results:
+    m, s = mean_std([100 * r["top1"] for r in fp_results])
+    lines.append(f"| fp (32-bit) | {m:.2f} ± {s:.2f} (n={len(fp_results)})" + " |" * len(bits))
+  for method in methods:
+    row = [f"| {method} "]
+    for b in bits:
+      xs = cells.get((method, b))
+      row.append(f" {mean_std(xs)[0]:.2f} ± {mean_std(xs)[1]:.2f} (n={len(xs)}) " if xs else " - ")
+    ov = overhead.get(method) if overhead else None
+    row.append(f" {ov:.2f}x " if ov else " - ")
+    lines.append("|".join(row) + "|")
+  return "\n".join(lines)
+
+
+def plot(results: Sequence[dict], fp_results: Sequence[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  methods = list(dict.fromkeys(r["method"] for r in results))
+  for method in methods:
+    pts = {}
+    for r in results:
+      if r["method"] == method:
+        pts.setdefault(r["w_bits"], []).append(100 * r["top1"])
+    bits = sorted(pts)
+    ms = [mean_std(pts[b]) for b in bits]
+    ax.errorbar(bits, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
+                label=method)
+  if fp_results:
+    ax.axhline(statistics.mean(100 * r["top1"] for r in fp_results), color="k", ls="--",
+               label="fp32")
+  ax.set_xlabel("bits (W = A)")
+  ax.set_ylabel("test top-1 (%)")
+  ax.set_xticks(sorted({r["w_bits"] for r in results}))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("Fashion-MNIST, QAT from FP")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def load_overhead(path: str) -> Optional[Dict[str, float]]:
+  """method -> median train-step time / pq's, from an experiments.bench --json file."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rows = json.load(f)["results"]
+  t = {r["method"]: r["train_step_ms_median"] for r in rows}
+  return {m: v / t["pq"] for m, v in t.items()} if "pq" in t else None
+
+
+def main(argv):
+  del argv
+  cfg, workdir, out = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out
+  phases = flags.FLAGS.phases.split(",")
+  parallel = flags.FLAGS.parallel
+  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(out, exist_ok=True)
+  deadline = time.time() + flags.FLAGS.deadline_s if flags.FLAGS.deadline_s > 0 else 0.0
+  run = lambda runs, phase: execute(runs, cfg, workdir, parallel, phase in phases, deadline)
+  fp_res = run(fp_runs(cfg), "fp")
+  points = sweep_runs(cfg, workdir)
+  res = run([r for _, _, r in points], "sweep")
+  winners, rows = pick_winners([(f, v, r) for (f, v, _), r in zip(points, res)])
+  if rows:
+    write_csv(os.path.join(out, "sweeps.csv"), rows,
+              ("field", "value", "method", "bits", "val_top1", "run"))
+    with open(os.path.join(out, "winners.json"), "w") as f:
+      json.dump(winners, f, indent=2)
+  print("winners:", winners, flush=True)
+  main_res = run(main_runs(cfg, workdir, winners), "main")
+  if "report" in phases:
+    done = [r for r in main_res if r]
+    fp_done = [r for r in fp_res if r]
+    write_csv(os.path.join(out, "ablation.csv"), fp_done + done, CSV_FIELDS)
+    table = summarize(done, fp_done, load_overhead(cfg.bench_json))
+    with open(os.path.join(out, "summary.md"), "w") as f:
+      f.write(table + "\n")
+    if done:
+      plot(done, fp_done, os.path.join(out, "accuracy_vs_bits.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
