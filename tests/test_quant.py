@@ -11,7 +11,9 @@ from jax.experimental import checkify
 
 from qgnn_jax import quant as q
 
-FAST = settings(max_examples=12, deadline=None, derandomize=True)
+FAST = settings(max_examples=10, deadline=None, derandomize=True)
+# Most tests use a few shapes (compilations are cached across tests).
+SHAPES = [(), (7,), (16, 4), (3, 1, 5)]
 
 
 def _ulp_tol(*arrays):
@@ -22,7 +24,7 @@ def _ulp_tol(*arrays):
 
 @st.composite
 def cases(draw, min_rank=0):
-  shape = tuple(draw(st.lists(st.integers(1, 5), min_size=min_rank, max_size=3)))
+  shape = draw(st.sampled_from([sh for sh in SHAPES if len(sh) >= min_rank]))
   bits = draw(st.integers(2, 16))
   seed = draw(st.integers(0, 2 ** 16))
   axis = None
@@ -109,15 +111,15 @@ def test_fake_quant_known_values():
 def test_fake_quant_ste_gradient_exact(symmetric):
   x = jnp.array([-3.0, -1.0, -0.999, -0.3, 0.0, 0.42, 0.999, 1.0, 1.001, 5.0])
   lo, hi = jnp.float32(-1.0), jnp.float32(1.0)
-  gx, glo, ghi = jax.grad(lambda x, lo, hi: jnp.sum(q.fake_quant(x, lo, hi, 4, symmetric)),
-                          argnums=(0, 1, 2))(x, lo, hi)
-  expect = ((x >= -1.0) & (x <= 1.0)).astype(jnp.float32)
-  np.testing.assert_array_equal(gx, expect)  # exactly 1 inside (ends included), 0 outside
-  assert float(glo) == 0.0 and float(ghi) == 0.0
-  # the cotangent is passed through, not just the mask
   w = jnp.arange(x.size, dtype=jnp.float32)
-  gx = jax.grad(lambda x: jnp.sum(w * q.fake_quant(x, lo, hi, 4, symmetric)))(x)
+  gx, glo, ghi = jax.grad(lambda x, lo, hi, w: jnp.sum(w * q.fake_quant(x, lo, hi, 4, symmetric)),
+                          argnums=(0, 1, 2))(x, lo, hi, w)
+  expect = ((x >= -1.0) & (x <= 1.0)).astype(jnp.float32)
+  # exactly 1 (times the cotangent w) inside, ends included, and 0 outside
   np.testing.assert_array_equal(gx, w * expect)
+  assert float(glo) == 0.0 and float(ghi) == 0.0
+  gx = jax.jit(jax.grad(lambda x: jnp.sum(q.fake_quant(x, lo, hi, 4, symmetric))))(x)
+  np.testing.assert_array_equal(gx, expect)
 
 
 def test_fake_quant_gradient_per_channel_and_pauta():
@@ -240,8 +242,7 @@ def test_pauta_excludes_planted_outlier_minmax_includes_it(symmetric):
 
 
 @pytest.mark.parametrize("fn,symmetric,axis", [("pauta", False, 1), ("pauta", True, -1),
-                                                ("minmax", False, -1), ("minmax", True, 0),
-                                                ("pauta", False, 0)])
+                                                ("minmax", False, 0)])
 def test_per_channel_equals_per_tensor_channel_by_channel(fn, symmetric, axis):
   rng = np.random.default_rng(7)
   x = (rng.standard_normal((4, 5, 6)) * rng.uniform(0.1, 5, (1, 1, 6)) + 0.5).astype(np.float32)
@@ -448,11 +449,12 @@ def test_other_bad_arguments():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_eager_raises(bad):
-  x = np.array([[0.5, bad], [1.0, 2.0]], np.float32)
+  x = np.ones((16, 4), np.float32)
+  x[3, 1] = bad
   calls = [lambda: q.fake_quant(x, 0.0, 1.0, 4),
            lambda: q.pauta_range(x), lambda: q.pauta_quantize(x, 4),
            lambda: q.minmax_range(x), lambda: q.minmax_quantize(x, 4, channel_axis=0),
-           lambda: q.lsq_quantize(x, 0.1, 4), lambda: q.lsq_init_step(x, 4),
+           lambda: q.lsq_quantize(x, jnp.float32(0.1), 4), lambda: q.lsq_init_step(x, 4),
            lambda: q.stochastic_round(x, jax.random.PRNGKey(0)),
            lambda: q.quantize_int(x, 4, 0.0, 1.0), lambda: q.check_finite(x, "acts"),
            lambda: q.fake_quant(np.ones(3, np.float32), 0.0, bad, 4),
@@ -489,7 +491,7 @@ def test_non_finite_under_jit_documented_behaviour_and_checkify():
 
 def test_constant_tensor_unchanged():
   for dtype, axis in ((jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, 1)):
-    x = jnp.full((5, 3), 0.7, dtype)
+    x = jnp.full((16, 4), 0.7, dtype)
     for fn in (q.pauta_quantize, q.minmax_quantize):
       out = fn(x, 4, channel_axis=axis)
       assert out.dtype == dtype
@@ -499,11 +501,11 @@ def test_constant_tensor_unchanged():
     # symmetric: the constant is the grid's end point, within 1 ulp
     out = q.pauta_quantize(x, 4, channel_axis=axis, symmetric=True)
     np.testing.assert_allclose(np.float32(out), np.float32(x), rtol=2 * jnp.finfo(dtype).eps)
-  x = jnp.full((5, 3), -1.5)
+  x = jnp.full((16, 4), -1.5)
   g = jax.jit(jax.grad(lambda x: jnp.sum(q.pauta_quantize(x, 4, channel_axis=1))))(x)
   np.testing.assert_array_equal(g, 1.0)  # degenerate range: identity, gradient 1
   # a constant channel next to a normal one
-  y = np.random.default_rng(0).standard_normal((50, 2)).astype(np.float32)
+  y = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
   y[:, 0] = -2.5
   out = q.pauta_quantize(y, 3, channel_axis=1)
   np.testing.assert_array_equal(out[:, 0], -2.5)
@@ -512,7 +514,7 @@ def test_constant_tensor_unchanged():
   np.testing.assert_array_equal(q.fake_quant(y, 1.0, 1.0, 4), y)
   np.testing.assert_array_equal(q.fake_quant(y, 2.0, -2.0, 4), y)
   np.testing.assert_array_equal(q.fake_quant(y, 0.0, 0.0, 4, symmetric=True), y)
-  assert np.all(np.isfinite(q.fake_quant(jnp.zeros(4), *q.pauta_range(jnp.zeros(4)), 8)))
+  assert np.all(np.isfinite(q.fake_quant(jnp.zeros(7), *q.pauta_range(jnp.zeros(7)), 8)))
 
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4, 2)])
@@ -537,14 +539,13 @@ def test_empty_tensor(shape):
 # Integer form
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("bits", [3, 8, 16])
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (16, False), (4, True), (8, True)])
 def test_quantize_int_matches_fake_quant(bits, symmetric):
   rng = np.random.default_rng(bits)
-  x = jnp.float32(rng.standard_normal((20, 3)) * [[0.1, 1.0, 8.0]] + 0.3)
+  x = jnp.float32(rng.standard_normal((16, 4)) * [[0.1, 1.0, 8.0, 2.0]] + 0.3)
   lo, hi = q.pauta_range(x, channel_axis=1, symmetric=symmetric)
   codes, scale, zp = q.quantize_int(x, bits, lo, hi, symmetric)
-  assert codes.dtype == jnp.int32 and scale.shape == zp.shape == (1, 3)
+  assert codes.dtype == jnp.int32 and scale.shape == zp.shape == (1, 4)
   if symmetric:
     assert int(codes.min()) >= -(2 ** (bits - 1) - 1) and int(codes.max()) <= 2 ** (bits - 1) - 1
     np.testing.assert_array_equal(zp, 0.0)
@@ -574,7 +575,7 @@ def test_quantize_int_constant_and_lsq():
 
 
 @FAST
-@given(st.sampled_from([2, 3, 4, 8]), st.sampled_from([0, 1, 7, 37]), st.integers(0, 2 ** 16),
+@given(st.sampled_from([2, 3, 4, 8]), st.sampled_from([0, 37]), st.integers(0, 2 ** 16),
        st.booleans())
 def test_pack_unpack_round_trip(bits, n, seed, signed):
   rng = np.random.default_rng(seed)
@@ -616,7 +617,5 @@ def test_stochastic_round_unbiased():
   assert np.all(np.abs(samples.mean(0) - np.asarray(x)) <= tol)
   np.testing.assert_array_equal(samples[:, 3], 4.0)  # integers stay exact
   # typed keys work too; straight-through gradient
-  out = q.stochastic_round(x, jax.random.key(1))
-  assert out.shape == x.shape
   g = jax.grad(lambda x: jnp.sum(q.stochastic_round(x, jax.random.key(2)) * 3.0))(x)
   np.testing.assert_array_equal(g, 3.0)
