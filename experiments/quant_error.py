@@ -164,9 +164,12 @@ def markdown(rows, n, seed, seconds):
   for b in BITS:
     lines.append(f"| {b} | {_get(rows, d, 'minmax', b)['mse_bulk']:.3e} | " + " | ".join(
         f"{_get(rows, d, 'pq', b, lam)['mse_bulk']:.3e}" for lam in LAMS) + " |")
-  wins = "; ".join(
-      f"{TITLES[d]}: {', '.join(str(b) for b in BITS if _get(rows, d, 'pq', b, 3.0)['ratio_vs_minmax'] < 1) or 'none'}"
-      for d in DISTS)
+  def pq_wins(d):
+    bits = [str(b) for b in BITS
+            if _get(rows, d, "pq", b, HEADLINE_LAM)["ratio_vs_minmax"] < 1]
+    return ", ".join(bits) or "none"
+
+  wins = "; ".join(f"{TITLES[d]}: {pq_wins(d)}" for d in DISTS)
   lines += [
       "",
       "## Notes",

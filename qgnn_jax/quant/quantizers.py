@@ -22,9 +22,12 @@ raises ``ValueError`` when its floating inputs contain NaN or Inf. Under a
 transformation (``jit``, ``vmap``, ``pmap``, ``grad`` tracing) the values are
 not known, so nothing is checked and nothing is sanitised: NaN propagates to
 the output (and to PQ/min-max ranges), +-Inf is clipped to the range by
-``fake_quant``/``lsq_quantize`` but makes PQ ranges NaN. To check under jit,
-call :func:`check_finite` inside the function and wrap it with
-``jax.experimental.checkify.checkify`` (it emits a ``checkify.check``).
+``fake_quant``/``lsq_quantize`` but makes PQ ranges NaN and min-max ranges
+infinite (hence NaN outputs). To check under jit, call :func:`check_finite`
+inside the function and wrap it with ``jax.experimental.checkify.checkify``
+(it emits a ``checkify.check``). The eager check is computed inside the same
+compiled call as the quantizer (for PQ/min-max from the min/max it already
+computes) and costs one host sync of a flag; traced calls emit no check code.
 """
 
 from __future__ import annotations
