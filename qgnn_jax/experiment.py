@@ -119,10 +119,10 @@ class MetricsWriter:
     self._f.close()
 
 
-def evaluate(eval_step, state, images, labels, info, batch_size: int, num_devices: int) -> Dict:
-  """Top-1 and mean CE over a whole split (padding masked out)."""
+def evaluate(eval_step, state, batches) -> Dict:
+  """Top-1 and mean CE over one pass of `batches` (padding masked out)."""
   tot = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
-  for batch in data_lib.eval_batches(images, labels, info, batch_size, num_devices):
+  for batch in batches:
     out = eval_step(state, batch)
     for k in tot:
       tot[k] += float(out[k][0])
@@ -151,27 +151,56 @@ def _init_from_fp(state, directory: str) -> tuple:
   return state.replace(params=merged_p, batch_stats=merged_bs), fp_top1
 
 
+def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
+  """Train / eval batch iterators for the config's dataset.
+
+  Returns {"train": start_step -> iterator, "eval": () -> one-pass iterator,
+  "info", "steps_per_epoch", "eval_split"}. Small datasets are held in memory;
+  `DatasetInfo.streamed` ones (imagenette, imagenet2012) stream from tfds.
+  """
+  info = data_lib.get_info(config.dataset)
+  data_dir = config.data_dir or None
+  if config.eval_on not in ("auto", "test", "validation"):
+    raise ValueError(f"eval_on={config.eval_on!r}; valid: 'auto', 'test', 'validation'")
+  if info.streamed:
+    if config.val_holdout:
+      raise ValueError(f"val_holdout is not supported for streamed dataset {config.dataset!r}")
+    n = data_lib.num_examples(config.dataset, "train", data_dir)
+    return {
+        "train": lambda start: data_lib.stream_train_batches(
+            config.dataset, config.batch_size, config.seed, start, num_devices, data_dir),
+        "eval": lambda: data_lib.stream_eval_batches(
+            config.dataset, config.eval_batch_size, num_devices, data_dir),
+        "info": info, "steps_per_epoch": n // config.batch_size, "eval_split": info.eval_split}
+  splits = data_lib.load_splits(config.dataset, data_dir, val_holdout=int(config.val_holdout))
+  (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
+  eval_split = splits["eval_split"]
+  if config.eval_on == "test" and eval_split != "test":
+    # Train without the held-out images (as the validation runs do), report test.
+    test = data_lib.load_splits(config.dataset, data_dir, val_holdout=0)
+    (x_eval, y_eval), eval_split = test["eval"], test["eval_split"]
+  elif config.eval_on == "validation" and eval_split != "validation":
+    raise ValueError("eval_on='validation' needs val_holdout > 0")
+  if len(x_train) < config.batch_size:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training images")
+  return {
+      "train": lambda start: data_lib.train_batches(
+          x_train, y_train, info, config.batch_size, config.seed, start_step=start,
+          augment=bool(config.augment), num_devices=num_devices),
+      "eval": lambda: data_lib.eval_batches(x_eval, y_eval, info, config.eval_batch_size,
+                                            num_devices),
+      "info": info, "steps_per_epoch": len(x_train) // config.batch_size,
+      "eval_split": eval_split}
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) one training job; returns the results.json dict."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   num_devices = jax.local_device_count()
-  splits = data_lib.load_splits(config.dataset, config.data_dir or None,
-                                val_holdout=int(config.val_holdout))
-  (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
-  eval_split = splits["eval_split"]
-  if config.eval_on not in ("auto", "test", "validation"):
-    raise ValueError(f"eval_on={config.eval_on!r}; valid: 'auto', 'test', 'validation'")
-  if config.eval_on == "test" and eval_split != "test":
-    # Train without the held-out images (as the validation runs do), report test.
-    test = data_lib.load_splits(config.dataset, config.data_dir or None, val_holdout=0)
-    (x_eval, y_eval), eval_split = test["eval"], test["eval_split"]
-  elif config.eval_on == "validation" and eval_split != "validation":
-    raise ValueError("eval_on='validation' needs val_holdout > 0")
-  steps_per_epoch = len(x_train) // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training images")
+  data = input_pipeline(config, num_devices)
+  info, steps_per_epoch, eval_split = data["info"], data["steps_per_epoch"], data["eval_split"]
   total_steps = int(config.num_steps) or int(round(config.num_epochs * steps_per_epoch))
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   method = parse_method(config.method)
@@ -182,9 +211,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       config.optimizer, config.lr, total_steps, warmup, config.weight_decay,
       quant_lr=(config.quant_lr if config.quant_lr > 0 else None),
       grad_clip=(config.grad_clip or None))
-  first = next(data_lib.train_batches(x_train, y_train, info, config.batch_size, config.seed,
-                                      augment=False))
-  sample = jnp.asarray(first["image"].reshape((-1,) + first["image"].shape[2:]))
+  first = next(data["train"](0))
+  sample = jnp.asarray(np.asarray(first["image"]).reshape((-1,) + first["image"].shape[2:]))
   state = train_lib.create_state(init_model, tx, sample[:2], jax.random.key(config.seed))
 
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -221,9 +249,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   rstate = train_lib.replicate(state, num_devices)
   state_host = lambda: jax.device_get(train_lib.unreplicate(rstate))
   stop_at = int(config.stop_at_step) or total_steps
-  batches = data_lib.prefetch(data_lib.train_batches(
-      x_train, y_train, info, config.batch_size, config.seed, start_step=start_step,
-      augment=bool(config.augment), num_devices=num_devices))
+  batches = data_lib.prefetch(data["train"](start_step))
   t0, seconds = time.perf_counter(), prev_seconds
   bar = tqdm(total=total_steps, initial=start_step, desc=f"{config.method} {config.model}",
              disable=not config.progress, dynamic_ncols=True)
@@ -243,7 +269,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
       if config.eval_every_epochs and done % max(1, int(config.eval_every_epochs *
                                                         steps_per_epoch)) == 0 and done < total_steps:
-        ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
+        ev = evaluate(eval_step, rstate, data["eval"]())
         writer.write({"step": done, "epoch": done / steps_per_epoch,
                       "split": eval_split, **ev})
       if done % config.checkpoint_every == 0 and done < total_steps:
@@ -258,7 +284,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.close()
     return {}
 
-  ev = evaluate(eval_step, rstate, x_eval, y_eval, info, config.eval_batch_size, num_devices)
+  ev = evaluate(eval_step, rstate, data["eval"]())
   writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch,
                 "split": eval_split, "final": True, **ev})
   writer.close()

@@ -14,6 +14,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qgnn_jax import distill
@@ -139,9 +140,17 @@ def calibrate(model: nn.Module, state: TrainState, images: jax.Array) -> TrainSt
 
 
 def replicate(tree: Any, n: Optional[int] = None) -> Any:
-  """Adds a leading device axis of size n (default: local device count)."""
+  """Copies every leaf to the first n local devices (default: all), stacked on axis 0.
+
+  The result carries pmap's own layout (NamedSharding over a 1-D `batch` mesh),
+  whatever device the leaves were committed to before (e.g. restored from a
+  checkpoint onto device 0).
+  """
   n = n or jax.local_device_count()
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n]), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree)
 
 
 def unreplicate(tree: Any) -> Any:
