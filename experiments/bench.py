@@ -1,0 +1,312 @@
+"""Throughput benchmark of the real train / eval steps (SPEC §6, issue 6).
+
+    python -m experiments.bench --model vig_ti_32 --batch 128 --methods fp,pq,pq+aqd+sqd
+    python -m experiments.bench --model vig_ti_224 --batch 32 --methods fp --json ours.json
+
+For every method (fp, minmax, pq, lsq, pq+aqd, pq+sqd, pq+aqd+sqd) the model
+is built with `QuantConfig.from_method(method, 4, 4)` and trained by the real
+`qgnn_jax.train.make_train_step` (pmap over all local devices, donated state,
+AdamW) with `LossConfig(student_mode="fp" if fp else "quant", alpha=1 if "aqd"
+in method, beta=1 if "sqd" in method)`, on synthetic data of the model's input
+shape that is put on the devices once (no host transfer inside the loop).
+
+What is measured (wall clock, `jax.block_until_ready` after every step):
+
+* ``compile_s``: the first call of the train step (trace + XLA compile + one
+  execution).
+* ``train_step_ms_median`` and spread (``train_step_ms_iqr``, min, max) over
+  ``--steps`` timed steps after ``--warmup`` untimed ones; ``train_img_s`` =
+  batch / median.
+* ``eval_img_s``: the same for `make_eval_step` (eval mode; quantized methods
+  evaluate in mode "quant").
+* ``graph_share``: the share of the forward (eval) time spent building the
+  k-NN graphs, measured as ``1 - t(forward with knn_graph replaced by a fixed
+  neighbour list) / t(forward)``. The replacement returns an index array of
+  the same shape, made data-dependent at negligible cost so that XLA cannot
+  constant-fold the gathers; everything else (the gathers, max aggregation)
+  is unchanged. This counts the graph construction in its real fusion
+  context rather than in isolation.
+
+The machine is usually shared: timings of the methods (and of the two
+forwards behind ``graph_share``) are interleaved round-robin, one step of
+each per round, so that a burst of load hits all of them alike and the ratios
+stay meaningful; medians are reported. The 1-minute load average before and
+after the timed rounds is recorded in every result entry.
+
+``--json FILE`` writes {"device", "model", "batch", "results": [...]}, one
+entry per method with the keys above (and the spread, dtype, graph_impl,
+load). A table is printed with each method's step time relative to fp and pq.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import app, flags
+
+METHODS = ("fp", "minmax", "pq", "lsq", "pq+aqd", "pq+sqd", "pq+aqd+sqd")
+
+flags.DEFINE_string("model", "vig_ti_32", "Model name (qgnn_jax.models.MODELS).")
+flags.DEFINE_integer("batch", 128, "Global batch size (split over the local devices).")
+flags.DEFINE_string("methods", "fp,pq,pq+aqd+sqd", f"Comma-separated subset of {METHODS}.")
+flags.DEFINE_integer("steps", 10, "Timed steps per method (train and eval each).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling call.")
+flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
+flags.DEFINE_enum("graph_impl", None, ["dense", "segment"],
+                  "Max-relative aggregation path (default: the model's default).")
+flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
+flags.DEFINE_bool("graph_share", True, "Measure the k-NN graph share of the forward.")
+flags.DEFINE_bool("progress", True, "tqdm progress bars.")
+
+
+def input_shape(name: str):
+  """(H, W, C) of one input image of a registered model."""
+  from qgnn_jax import models
+  if hasattr(models, "input_shape"):  # the registry's own helper, if it has one
+    return tuple(models.input_shape(name))
+  if name not in models.MODELS:
+    raise ValueError(f"unknown model {name!r}; valid: {sorted(models.MODELS)}")
+  if name.endswith("_224"):
+    return (224, 224, 3)
+  if name.endswith("_32"):
+    return (32, 32, 3)
+  if name.endswith("_28"):
+    return (28, 28, 1)
+  if name == "vig_digits":
+    return (8, 8, 1)
+  raise ValueError(f"no input shape known for model {name!r}")
+
+
+def device_name() -> str:
+  import jax
+  d = jax.local_devices()
+  kind = d[0].device_kind
+  if d[0].platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    kind = f"cpu: {model}, {os.cpu_count()} cores"
+  return f"{kind} x{len(d)}" if len(d) > 1 else kind
+
+
+def load_avg() -> Optional[float]:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def loss_config(method: str):
+  from qgnn_jax.train import LossConfig
+  return LossConfig(student_mode="fp" if method == "fp" else "quant",
+                    alpha=1.0 if "aqd" in method else 0.0,
+                    beta=1.0 if "sqd" in method else 0.0)
+
+
+@contextlib.contextmanager
+def fixed_neighbours():
+  """Replaces `graph.knn_graph` by a fixed (data-dependent-looking) neighbour list."""
+  import jax
+  import jax.numpy as jnp
+  from qgnn_jax import graph
+  orig = graph.knn_graph
+
+  def fake(features, k, dilation=1, keys=None, relative_pos=None):
+    b, n = features.shape[:2]
+    m = n if keys is None else keys.shape[1]
+    base = (jnp.arange(n, dtype=jnp.int32)[:, None] + jnp.arange(k, dtype=jnp.int32) * dilation) % m
+    # A runtime-dependent zero keeps XLA from treating the indices as constants.
+    zero = (jax.lax.stop_gradient(features[0, 0, 0]) > 3e38).astype(jnp.int32)
+    return jnp.broadcast_to(base + zero, (b, n, k))
+
+  graph.knn_graph = fake
+  try:
+    yield
+  finally:
+    graph.knn_graph = orig
+
+
+def _stats_ms(ts: Sequence[float]) -> Dict[str, float]:
+  ms = sorted(1e3 * t for t in ts)
+  q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+  return {"median": statistics.median(ms), "iqr": q[2] - q[0], "min": ms[0], "max": ms[-1]}
+
+
+def _run_once(fn, *args):
+  """jit-compiles fn at XLA backend optimisation level 0 and calls it once."""
+  import jax
+  return jax.jit(fn).lower(*args).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
+def _timed(fn):
+  import jax
+  t0 = time.perf_counter()
+  out = fn()
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t0
+
+
+def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 10,
+              warmup: int = 2, dtype: str = "float32", graph_impl: Optional[str] = None,
+              num_classes: int = 10, measure_graph_share: bool = True,
+              json_path: Optional[str] = None, progress: bool = True,
+              verbose: bool = True, model_kwargs: Optional[Dict[str, Any]] = None
+              ) -> Dict[str, Any]:
+  """Runs the benchmark; returns (and optionally writes) the JSON-able result dict.
+
+  model_kwargs override fields of the registered variant (e.g. depth=1 for a
+  quick smoke run).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from tqdm.auto import tqdm
+  from qgnn_jax import train as train_lib
+  from qgnn_jax.layers import QuantConfig
+  from qgnn_jax.models import create_model
+
+  methods = list(methods)
+  bad = [m for m in methods if m not in METHODS]
+  if bad or not methods:
+    raise ValueError(f"methods={methods}; valid: non-empty subset of {METHODS}")
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps} (>= 1), warmup={warmup} (>= 0)")
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  n_dev = jax.local_device_count()
+  if batch % n_dev:
+    raise ValueError(f"batch={batch} is not divisible by the {n_dev} local devices")
+  shape = input_shape(model_name)
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((batch,) + shape, np.float32),
+          "label": rng.integers(0, num_classes, (batch,), np.int32)}
+  sharded = train_lib.shard_batch(host, n_dev)
+  data = jax.pmap(lambda x: x)(sharded)  # on the devices once, in pmap's own sharding
+  extra = dict(model_kwargs or {})
+  if graph_impl is not None:
+    extra["graph_impl"] = graph_impl
+
+  runs = []
+  bar = tqdm(methods, desc=f"compile {model_name}", disable=not progress, dynamic_ncols=True)
+  for method in bar:
+    bar.set_postfix(method=method)
+    cfg = QuantConfig.from_method(method, 4, 4)
+    model = create_model(model_name, num_classes, cfg, axis_name=train_lib.AXIS, dtype=jdtype, **extra)
+    init_model = create_model(model_name, num_classes, cfg, dtype=jdtype, **extra)
+    tx = train_lib.make_optimizer("adamw", 1e-3, 1000, 10)
+    # Set-up code runs once: compiled without LLVM optimisation (several times faster to
+    # compile; its run time does not matter).
+    state = _run_once(lambda im, key: train_lib.create_state(init_model, tx, im, key),
+                      jnp.asarray(host["image"][:2]), jax.random.key(0))
+    if method != "fp":
+      state = _run_once(lambda st, im: train_lib.calibrate(init_model, st, im),
+                        state, jnp.asarray(host["image"][:min(batch, 8)]))
+    rstate = train_lib.replicate(state, n_dev)
+    train_step = train_lib.make_train_step(model, tx, loss_config(method), num_classes)
+    (rstate, _), compile_s = _timed(lambda: train_step(rstate, data))
+    for _ in range(warmup):
+      rstate, _ = train_step(rstate, data)
+    jax.block_until_ready(rstate)
+    eval_mode = "fp" if method == "fp" else "quant"
+    eval_step = train_lib.make_eval_step(model, eval_mode)
+    _, eval_compile_s = _timed(lambda: eval_step(rstate, data))
+    fixed_step = None
+    if measure_graph_share:
+      with fixed_neighbours():
+        fixed_step = train_lib.make_eval_step(model, eval_mode)
+        _timed(lambda: fixed_step(rstate, data))  # traces under the replacement
+    for _ in range(warmup):
+      jax.block_until_ready(eval_step(rstate, data))
+      if fixed_step is not None:
+        jax.block_until_ready(fixed_step(rstate, data))
+    runs.append(dict(method=method, train_step=train_step, eval_step=eval_step,
+                     fixed_step=fixed_step, state=rstate, compile_s=compile_s,
+                     eval_compile_s=eval_compile_s, t_train=[], t_eval=[], t_fixed=[]))
+
+  load_before = load_avg()
+  for _ in tqdm(range(steps), desc="timed rounds", disable=not progress, dynamic_ncols=True):
+    for r in runs:
+      (r["state"], _), dt = _timed(lambda: r["train_step"](r["state"], data))
+      r["t_train"].append(dt)
+    for r in runs:
+      _, dt = _timed(lambda: r["eval_step"](r["state"], data))
+      r["t_eval"].append(dt)
+      if r["fixed_step"] is not None:
+        _, dt = _timed(lambda: r["fixed_step"](r["state"], data))
+        r["t_fixed"].append(dt)
+  load_after = load_avg()
+
+  results = []
+  for r in runs:
+    tr, ev = _stats_ms(r["t_train"]), _stats_ms(r["t_eval"])
+    share = None
+    if r["t_fixed"]:
+      share = 1.0 - statistics.median(r["t_fixed"]) / statistics.median(r["t_eval"])
+    results.append({
+        "method": r["method"],
+        "compile_s": round(r["compile_s"], 3),
+        "train_step_ms_median": round(tr["median"], 3),
+        "train_img_s": round(batch / tr["median"] * 1e3, 3),
+        "eval_img_s": round(batch / ev["median"] * 1e3, 3),
+        "graph_share": None if share is None else round(share, 4),
+        "train_step_ms_iqr": round(tr["iqr"], 3),
+        "train_step_ms_min": round(tr["min"], 3),
+        "train_step_ms_max": round(tr["max"], 3),
+        "eval_step_ms_median": round(ev["median"], 3),
+        "eval_step_ms_iqr": round(ev["iqr"], 3),
+        "eval_compile_s": round(r["eval_compile_s"], 3),
+        "steps": steps, "dtype": dtype, "graph_impl": graph_impl or "default",
+        "load_before": load_before, "load_after": load_after,
+    })
+  out = {"device": device_name(), "model": model_name, "batch": batch, "results": results}
+  if verbose:
+    print(format_table(out))
+  if json_path:
+    d = os.path.dirname(json_path)
+    if d:
+      os.makedirs(d, exist_ok=True)
+    with open(json_path, "w") as f:
+      json.dump(out, f, indent=1)
+  return out
+
+
+def format_table(out: Dict[str, Any]) -> str:
+  """Markdown table of a run_bench result, with step-time ratios to fp and pq."""
+  res = out["results"]
+  ref = {r["method"]: r["train_step_ms_median"] for r in res}
+  lines = [f"device: {out['device']}  model: {out['model']}  batch: {out['batch']}",
+           "| method | compile s | train step ms (median, IQR) | train img/s | eval img/s "
+           "| graph share | / fp | / pq |", "|---|---|---|---|---|---|---|---|"]
+  for r in res:
+    t = r["train_step_ms_median"]
+    rat = lambda m: f"{t / ref[m]:.2f}" if m in ref else "-"
+    gs = "-" if r["graph_share"] is None else f"{100 * r['graph_share']:.1f}%"
+    lines.append(f"| {r['method']} | {r['compile_s']:.1f} | {t:.1f} ({r['train_step_ms_iqr']:.1f}) "
+                 f"| {r['train_img_s']:.1f} | {r['eval_img_s']:.1f} | {gs} | {rat('fp')} | {rat('pq')} |")
+  lines.append(f"load average (1 min) before/after timing: {res[0]['load_before']} / "
+               f"{res[0]['load_after']}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  F = flags.FLAGS
+  run_bench(F.model, F.batch, [m.strip() for m in F.methods.split(",") if m.strip()],
+            steps=F.steps, warmup=F.warmup, dtype=F.dtype, graph_impl=F.graph_impl,
+            num_classes=F.num_classes, measure_graph_share=F.graph_share, json_path=F.json,
+            progress=F.progress)
+
+
+if __name__ == "__main__":
+  app.run(main)
