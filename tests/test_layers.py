@@ -330,9 +330,6 @@ def test_synced_range_under_pmap_equals_global_batch(quantizer):
   np.testing.assert_allclose(hi, [want[1]] * 2, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="qgnn_jax.quant runs its eager NaN check on concrete arrays closed "
-                          "over by jit (TracerBoolConversionError); reported to the quant owner",
-                   strict=False)
 @pytest.mark.parametrize("quantizer", ["pauta", "lsq"])
 def test_quantized_layer_under_jit_with_closed_over_variables(quantizer):
   """The common pattern jax.jit(lambda x: model.apply(variables, x)) must work."""
