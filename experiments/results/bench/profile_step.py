@@ -1,0 +1,97 @@
+"""Where the time of a train (or eval) step goes: jax.profiler trace of the real pmap step,
+per-HLO-op durations joined with the compiled HLO's op_name metadata and grouped.
+
+    python experiments/results/bench/profile_step.py --model vig_ti_32 --batch 128 --method fp [--eval]
+
+Prints a markdown table (ms per step by category, forward vs backward). Op durations are
+summed over the XLA CPU runtime's threads, so on a loaded machine they include time the
+op's threads waited for a core; compare shares, not absolute numbers.
+"""
+import argparse, collections, glob, gzip, json, os, re, shutil, tempfile, time
+
+CATEGORIES = [  # (name, regex on the op_name path), first match wins
+    ("fake quant + ranges", r"/quant/|pauta|minmax|lsq|fake_quant"),
+    ("k-NN graph (norm, distances, top_k)", r"top_k|bnc,bmc->bnm|l2_normalize|knn"),
+    ("max-relative aggregation (gather, max, its grad)",
+     r"grapher\d+/(gather|reduce_max|convert_element_type|reduce_sum|scatter-add|vmap\(\)/gather|select_n|eq)$"),
+    ("grouped conv layout (stack, reshape, transpose)", r"gconv/reshape|/stack|\.\.\.gi,gio->\.\.\.go/transpose"),
+    ("matmul / conv", r"dot_general|conv_general_dilated"),
+    ("BatchNorm", r"_bn/|/bn/"),
+    ("GELU (erfc)", r"erfc|erf|exp"),
+    ("optimizer (AdamW)", r"^(?!.*ViG).*(adam|optax|multi_transform|apply_updates|update)"),
+]
+
+
+def categorize(op_name):
+  for name, pat in CATEGORIES:
+    if re.search(pat, op_name):
+      return name
+  return "other (adds, copies, loss, ...)"
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="vig_ti_32"); p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--method", default="fp"); p.add_argument("--steps", type=int, default=2)
+  p.add_argument("--eval", action="store_true"); p.add_argument("--top", type=int, default=0)
+  a = p.parse_args()
+  import jax, jax.numpy as jnp, numpy as np
+  from qgnn_jax import train as T
+  from qgnn_jax.layers import QuantConfig
+  from qgnn_jax.models import create_model
+  from experiments.bench import input_shape, loss_config, _run_once
+  cfg = QuantConfig.from_method(a.method, 4, 4)
+  model = create_model(a.model, 10, cfg, axis_name=T.AXIS); init_model = create_model(a.model, 10, cfg)
+  tx = T.make_optimizer("adamw", 1e-3, 1000, 10)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((a.batch,) + input_shape(a.model), np.float32)
+  y = rng.integers(0, 10, (a.batch,), np.int32)
+  s = _run_once(lambda im, k: T.create_state(init_model, tx, im, k), jnp.asarray(x[:2]), jax.random.key(0))
+  if a.method != "fp":
+    s = _run_once(lambda st, im: T.calibrate(init_model, st, im), s, jnp.asarray(x[:8]))
+  state = T.replicate(s, 1); data = jax.pmap(lambda v: v)(T.shard_batch({"image": x, "label": y}, 1))
+  if a.eval:
+    fn = T.make_eval_step(model, "fp" if a.method == "fp" else "quant")
+    step = lambda st, d: (st, fn(st, d))
+  else:
+    fn = T.make_train_step(model, tx, loss_config(a.method), 10)
+    step = fn
+  for _ in range(2):  # compile + warm-up
+    state, out = step(state, data); jax.block_until_ready((state, out))
+  hlo = fn.lower(state, data).compile().as_text()
+  tmp = tempfile.mkdtemp()
+  walls = []
+  with jax.profiler.trace(tmp):
+    for _ in range(a.steps):
+      t0 = time.perf_counter(); state, out = step(state, data); jax.block_until_ready((state, out))
+      walls.append(time.perf_counter() - t0)
+  trace = json.load(gzip.open(glob.glob(tmp + "/**/*.trace.json.gz", recursive=True)[0]))
+  shutil.rmtree(tmp, ignore_errors=True)
+  op_name = {}
+  for line in hlo[hlo.index("ENTRY"):].splitlines():
+    m = re.match(r"\s+%([\w.\-]+) = ", line)
+    if m:
+      om = re.search(r'op_name="([^"]*)"', line)
+      op_name[m.group(1)] = om.group(1) if om else "?"
+  by = collections.Counter(); ops = collections.Counter()
+  for e in trace["traceEvents"]:
+    if e.get("ph") == "X" and e["name"] in op_name:
+      on = op_name[e["name"]]
+      half = "bwd" if "transpose(" in on else "fwd"
+      by[(categorize(on), half)] += e["dur"] / 1e3 / a.steps
+      ops[(on.replace("jit(_fun)/", ""), e["name"].rsplit(".", 1)[0])] += e["dur"] / 1e3 / a.steps
+  total = sum(by.values())
+  kind = "eval" if a.eval else "train"
+  print(f"{a.model} batch {a.batch} {a.method} {kind} step: wall {1e3 * min(walls):.0f} ms (best of "
+        f"{a.steps}), summed op time {total:.0f} ms/step, load {os.getloadavg()[0]:.2f}\n")
+  print("| category | fwd ms | bwd ms | share |\n|---|---|---|---|")
+  cats = sorted({c for c, _ in by}, key=lambda c: -(by[(c, "fwd")] + by[(c, "bwd")]))
+  for c in cats:
+    f, b = by[(c, "fwd")], by[(c, "bwd")]
+    print(f"| {c} | {f:.0f} | {b:.0f} | {100 * (f + b) / total:.1f}% |")
+  for (on, hop), v in ops.most_common(a.top):
+    print(f"{v:8.1f} ms  {hop:28s} {on[-100:]}")
+
+
+if __name__ == "__main__":
+  main()
