@@ -211,6 +211,22 @@ def test_lsq_init_step_and_range():
                              atol=1e-6)
 
 
+
+def test_quantizers_with_concrete_args_inside_an_outer_jit_trace():
+  """Closed-over concrete arrays inside jit give traced check flags: no crash, same values."""
+  x = jnp.float32(np.random.default_rng(5).standard_normal((8, 3)))
+  s = q.lsq_init_step(x, 4)
+  calls = {
+      "lsq": lambda: q.lsq_quantize(x, s, 4),
+      "lsq_init": lambda: q.lsq_init_step(x, 4),
+      "pauta": lambda: q.pauta_quantize(x, 4),
+      "minmax": lambda: q.minmax_quantize(x, 4),
+      "fake_quant": lambda: q.fake_quant(x, -1.0, 1.0, 3),
+      "pack": lambda: q.unpack_bits(q.pack_bits(jnp.arange(-4, 4), 3), 3, 8, signed=True),
+  }
+  for name, f in calls.items():
+    np.testing.assert_allclose(jax.jit(f)(), f(), rtol=1e-6, atol=1e-6, err_msg=name)
+
 # ----------------------------------------------------------------------------
 # Pauta ranges
 # ----------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
     raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
   check = not _is_traced(codes) and codes.size > 0
   packed, span = _pack_entry(codes, bits, check)
-  if check:
+  if check and not _is_traced(span):
     cmin, cmax = int(span[0]), int(span[1])
     if cmin < -(2 ** (bits - 1)) or cmax > 2 ** bits - 1:
       raise ValueError(f"codes in [{cmin}, {cmax}] do not fit in bits={bits}; valid range "

@@ -126,10 +126,12 @@ def check_finite(x: ArrayLike, name: str = "x") -> None:
   x = jnp.asarray(x) if not _is_traced(x) else x
   if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
     return
-  if _is_traced(x):
+  count = None if _is_traced(x) else _count_nonfinite(x)
+  # A concrete x inside an outer jit trace still gives a traced count.
+  if count is None or _is_traced(count):
     checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
     return
-  bad = int(_count_nonfinite(x))
+  bad = int(count)
   if bad:
     raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of "
                      f"{x.size}; quantizers need finite inputs")
@@ -649,7 +651,7 @@ def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) 
   out, bad = _lsq_entry(x, step, float(qn), float(qp), check)
   if check:
     _raise_nonfinite(bad[:2], ("x", "step"))
-    if step.size and not float(bad[2]) > 0:
+    if step.size and not _is_traced(bad[2]) and not float(bad[2]) > 0:
       raise ValueError(f"step must be > 0 (valid range (0, inf)); got min {float(bad[2])}")
   return out
 
