@@ -48,8 +48,18 @@ def _fmt(v) -> str:
   return repr(v) if isinstance(v, float) else str(v)
 
 
+def num_fp_seeds(cfg) -> int:
+  """FP checkpoints to train: cfg.fp_seeds if > 0, else one per QAT seed.
+
+  With fewer FP checkpoints than QAT seeds, QAT seed s starts from fp_s{s % fp_seeds}
+  (the CPU protocol shares one FP model; seeds then vary the QAT data order and init).
+  """
+  fp_seeds = int(cfg.get("fp_seeds", 0))
+  return fp_seeds if fp_seeds > 0 else max(parse_seeds(cfg.seeds).values())
+
+
 def fp_runs(cfg) -> List[Run]:
-  seeds = max(n for _, n in parse_seeds(cfg.seeds).items())
+  seeds = num_fp_seeds(cfg)
   return [Run(f"fp_s{s}", (("method", "fp"), ("seed", str(s)), ("num_epochs", _fmt(cfg.fp_epochs)),
                           ("lr", _fmt(cfg.fp_lr)), ("drop_path", _fmt(cfg.fp_drop_path)),
                           ("eval_on", "test")))
@@ -76,7 +86,7 @@ def qat_run(cfg, workdir: str, method: str, bits: int, seed: int, eval_on: str,
   ov = [("method", method), ("w_bits", str(bits)), ("a_bits", str(bits)), ("seed", str(seed)),
         ("num_epochs", _fmt(cfg.qat_epochs)), ("lr", _fmt(cfg.qat_lr)),
         ("warmup_epochs", _fmt(cfg.qat_warmup_epochs)), ("eval_on", eval_on),
-        ("init_from", os.path.join(workdir, f"fp_s{seed}"))]
+        ("init_from", os.path.join(workdir, f"fp_s{seed % num_fp_seeds(cfg)}"))]
   return Run(name, tuple(ov) + tuple(extra))
 
 
@@ -91,15 +101,21 @@ def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
 
 
 def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
+  """The main table's runs, seed-major: every cell gets seed 0 before any gets seed 1.
+
+  Bit-widths run in cfg.bits order, W3A3 (cfg.w3_methods) last within a seed, so a
+  sweep cut short by its deadline still has every method at the first bit-width.
+  """
   seeds = parse_seeds(cfg.seeds)
+  order = [int(b) for b in cfg.bits.split(",")] + ([3] if 3 in seeds else [])
   runs = []
-  for bits in sorted({int(b) for b in cfg.bits.split(",")} | {3}, reverse=True):
-    methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
-    if bits == 3 and 3 not in seeds:
-      continue
-    for method in methods:
-      extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
-      for s in range(seeds[bits]):
+  for s in range(max(seeds[b] for b in order)):
+    for bits in order:
+      if s >= seeds[bits]:
+        continue
+      methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
+      for method in methods:
+        extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
         runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 

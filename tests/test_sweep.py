@@ -1,6 +1,6 @@
 """The ablation sweep's planning and reporting (no training here; see test_experiment)."""
 from experiments import sweep
-from experiments.configs import fashion_mnist_ablation
+from experiments.configs import fashion_mnist_ablation, fashion_mnist_ablation_cpu
 
 
 def _res(method, bits, seed, top1):
@@ -26,6 +26,18 @@ def test_plan_covers_protocol():
   assert all(dict(r.overrides)["eval_on"] == "validation" for _, _, r in points)
   assert {f for f, _, _ in points} == {"lam", "aqd_alpha", "aqd_tau", "sqd_beta", "sqd_p",
                                        "sqd_temperature", "quant_lr"}
+
+
+def test_cpu_plan_shares_one_fp_checkpoint_and_is_seed_major():
+  cfg = fashion_mnist_ablation_cpu.get_config()
+  assert [r.name for r in sweep.fp_runs(cfg)] == ["fp_s0"]
+  runs = sweep.main_runs(cfg, "/w", {})
+  assert {dict(r.overrides)["init_from"] for r in runs} == {"/w/fp_s0"}
+  seeds = [int(dict(r.overrides)["seed"]) for r in runs]
+  assert seeds == sorted(seeds)  # every cell has seed 0 before any has seed 1
+  first = runs[:len(cfg.methods.split(","))]
+  assert {dict(r.overrides)["w_bits"] for r in first} == {"2"}
+  assert len(runs) == len(set(r.name for r in runs)) == 6 * 3 + 6 * 2 + 2 * 2
 
 
 def test_pick_winners_by_mean_validation():

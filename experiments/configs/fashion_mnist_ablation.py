@@ -33,6 +33,7 @@ def get_config():
   c.run = run
   c.base_config = "experiments/configs/fashion_mnist_qat.py"
   # FP phase
+  c.fp_seeds = 0                          # FP checkpoints; 0 -> one per QAT seed
   c.fp_epochs = 30.0
   c.fp_lr = 2e-3
   c.fp_drop_path = 0.1

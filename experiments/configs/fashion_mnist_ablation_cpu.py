@@ -1,0 +1,38 @@
+"""The ablation scaled to one session of a 2-core CPU (issue 5's reference protocol).
+
+    python -m experiments.sweep --config experiments/configs/fashion_mnist_ablation_cpu.py \
+        --workdir runs/ablation_cpu --out experiments/results/fashion_mnist --parallel 2
+
+Same phases and outputs as fashion_mnist_ablation.py (FP -> validation sweeps -> main
+table -> ablation.csv, sweeps.csv, summary.md, accuracy_vs_bits.png), resumable, with:
+  - vig_tiny_28 (0.70M params) instead of vig_small_28: ~130 train img/s here, vs 63;
+  - one FP checkpoint (5 epochs) shared by every QAT seed (fp_seeds = 1);
+  - QAT fine-tunes of 0.25 epoch (107 steps at batch 128);
+  - W2A2 first (where the methods differ), runs ordered seed-major;
+  - the sweeps that decide fairness first: PQ's lambda and LSQ's step lr at W2A2.
+--parallel 2 overlaps one run's single-threaded compile with the other's training.
+Measured results (and what this protocol cannot show): README, "Ablation".
+"""
+from experiments.configs import fashion_mnist_ablation
+
+
+def get_config():
+  c = fashion_mnist_ablation.get_config()
+  run = c.run
+  run.model = "vig_tiny_28"
+  run.batch_size = 128
+  run.checkpoint_every = 200
+  c.fp_seeds = 1
+  c.fp_epochs = 5.0
+  c.fp_lr = 2e-3
+  c.fp_drop_path = 0.0
+  c.qat_epochs = 0.25
+  c.qat_lr = 5e-4
+  c.qat_warmup_epochs = 0.05
+  c.bits = "2,4"
+  c.seeds = "2:3,4:2,3:2"
+  c.sweeps = ";".join([
+      "quant_lr:lsq:2:5e-5,5e-4,5e-3",
+      "lam:pq:2:2,2.5,3,4",
+  ])
+  return c
