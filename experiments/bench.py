@@ -45,7 +45,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from absl import app, flags
 
@@ -63,24 +63,6 @@ flags.DEFINE_enum("graph_impl", None, ["dense", "segment"],
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
 flags.DEFINE_bool("graph_share", True, "Measure the k-NN graph share of the forward.")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
-
-
-def input_shape(name: str):
-  """(H, W, C) of one input image of a registered model."""
-  from qgnn_jax import models
-  if hasattr(models, "input_shape"):  # the registry's own helper, if it has one
-    return tuple(models.input_shape(name))
-  if name not in models.MODELS:
-    raise ValueError(f"unknown model {name!r}; valid: {sorted(models.MODELS)}")
-  if name.endswith("_224"):
-    return (224, 224, 3)
-  if name.endswith("_32"):
-    return (32, 32, 3)
-  if name.endswith("_28"):
-    return (28, 28, 1)
-  if name == "vig_digits":
-    return (8, 8, 1)
-  raise ValueError(f"no input shape known for model {name!r}")
 
 
 def device_name() -> str:
@@ -173,7 +155,7 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   from tqdm.auto import tqdm
   from qgnn_jax import train as train_lib
   from qgnn_jax.layers import QuantConfig
-  from qgnn_jax.models import create_model
+  from qgnn_jax.models import create_model, input_shape
 
   methods = list(methods)
   bad = [m for m in methods if m not in METHODS]

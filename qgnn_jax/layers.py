@@ -156,17 +156,21 @@ class QuantSite(nn.Module):
       x_q = jnp.where(bypass, x, x_q)
     return kernel_q, x_q
 
+  def _lsq(self, name: str, v: jax.Array, bits: int, calibrate: bool) -> jax.Array:
+    """LSQ on v with a learnable float32 step param `name` (re)set from v when calibrating."""
+    init = lambda: quant.lsq_init_step(v, bits, True).astype(jnp.float32)
+    step = self.param(name, lambda _: init())
+    if calibrate and self.is_mutable_collection("params"):
+      step = init()
+      self.put_variable("params", name, step)
+    return quant.lsq_quantize(v, step.astype(v.dtype), bits, signed=True)
+
   def _quantize_weight(self, w: jax.Array, calibrate: bool) -> jax.Array:
     cfg = self.cfg
     if cfg.w_quantizer == "fp":
       return w
     if cfg.w_quantizer == "lsq":
-      step = self.param("w_step", lambda _: quant.lsq_init_step(w, cfg.w_bits, True)
-                        .astype(jnp.float32))
-      if calibrate and self.is_mutable_collection("params"):
-        step = quant.lsq_init_step(w, cfg.w_bits, True).astype(jnp.float32)
-        self.put_variable("params", "w_step", step)
-      return quant.lsq_quantize(w, step.astype(w.dtype), cfg.w_bits, signed=True)
+      return self._lsq("w_step", w, cfg.w_bits, calibrate)
     w2 = w.reshape(-1, w.shape[-1]) if w.ndim != 2 else w
     axis = -1 if cfg.w_granularity == "channel" else None
     fn = quant.pauta_range if cfg.w_quantizer == "pauta" else quant.minmax_range
@@ -179,12 +183,7 @@ class QuantSite(nn.Module):
     if cfg.a_quantizer == "fp":
       return x
     if cfg.a_quantizer == "lsq":
-      step = self.param("a_step", lambda _: quant.lsq_init_step(x, cfg.a_bits, True)
-                        .astype(jnp.float32))
-      if calibrate and self.is_mutable_collection("params"):
-        step = quant.lsq_init_step(x, cfg.a_bits, True).astype(jnp.float32)
-        self.put_variable("params", "a_step", step)
-      return quant.lsq_quantize(x, step.astype(x.dtype), cfg.a_bits, signed=True)
+      return self._lsq("a_step", x, cfg.a_bits, calibrate)
     lo_v = self.variable("quant_stats", "a_lo", lambda: jnp.zeros((), jnp.float32))
     hi_v = self.variable("quant_stats", "a_hi", lambda: jnp.zeros((), jnp.float32))
     n_v = self.variable("quant_stats", "a_count", lambda: jnp.zeros((), jnp.int32))

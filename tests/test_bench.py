@@ -25,11 +25,7 @@ def test_bench_json_schema(tmp_path):
     assert r["graph_share"] < 1
 
 
-def test_input_shape_and_table():
-  assert bench.input_shape("vig_ti_224") == (224, 224, 3)
-  assert bench.input_shape("vig_ti_32") == (32, 32, 3)
-  assert bench.input_shape("vig_tiny_28") == (28, 28, 1)
-  assert bench.input_shape("vig_digits") == (8, 8, 1)
+def test_table():
   out = {"device": "d", "model": "m", "batch": 2, "results": [
       {"method": "fp", "compile_s": 1.0, "train_step_ms_median": 2.0, "train_step_ms_iqr": 0.1,
        "train_img_s": 1000.0, "eval_img_s": 3000.0, "graph_share": 0.1,

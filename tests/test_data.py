@@ -156,7 +156,7 @@ def test_augmentation_is_crop_and_flip():
 
 def test_holdout_disjoint_and_seed_independent():
   splits = data.load_splits("digits", val_holdout=100, seed=0)
-  (xt, yt), (xe, ye) = splits["train"], splits["eval"]
+  (xt, _), (xe, ye) = splits["train"], splits["eval"]
   assert splits["eval_split"] == "validation" and len(xe) == 100 and len(ye) == 100
   full, _, _ = data.load_arrays("digits", "train")
   assert len(xt) + len(xe) == len(full)

@@ -7,6 +7,7 @@ import jraph
 import numpy as np
 import pytest
 
+from helpers import host_variables
 from qgnn_jax import graph
 from qgnn_jax.models.blocks import Grapher
 
@@ -160,23 +161,6 @@ def test_max_relative_rejects_unknown_impl():
 # ----------------------------------------------------------------------------
 # The Grapher block: permutation equivariance, jraph path == dense path.
 # ----------------------------------------------------------------------------
-def _np_variables(module, *args, seed=0, **kwargs):
-  """Variables of `module` with the shapes of its init, filled on the host (no RNG compile)."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      fan_in = s.shape[-2] if len(s.shape) == 3 else int(np.prod(s.shape[:-1]))
-      return np.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
-    if name in ("bias", "mean"):
-      return np.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-    if name in ("scale", "var"):
-      return np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-    return np.zeros(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -184,7 +168,7 @@ def test_grapher_is_permutation_equivariant(train):
   b, h, w, c = 2, 4, 5, 8
   block = Grapher(k=4, dilation=2, r=1)
   x = _randn(0, (b, h, w, c))
-  variables = _np_variables(block, x)
+  variables = host_variables(block, x)
   perm = np.random.default_rng(1).permutation(h * w)
 
   @jax.jit
@@ -206,7 +190,7 @@ def test_grapher_segment_equals_dense(r):
   x = _randn(5, (2, 4, 4, 8))
   dense = Grapher(k=3, r=r, graph_impl="dense")
   seg = Grapher(k=3, r=r, graph_impl="segment")
-  variables = _np_variables(dense, x)
+  variables = host_variables(dense, x)
 
   def loss(block, x):
     return jnp.sum(jnp.sin(block.apply(variables, x, mode="fp")))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import host_variables
 from qgnn_jax import quant
 from qgnn_jax.layers import FP, QuantConfig, QuantConv, QuantDense, QuantSite, synced_range
 from qgnn_jax.models.vig import ViG
@@ -19,30 +20,6 @@ PQ44 = QuantConfig.from_method("pq", 4, 4)
 
 def _randn(seed, shape, scale=1.0):
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
-
-
-def _np_variables(module, *args, seed=0, **kwargs):
-  """Variables with the shapes of module.init, filled on the host."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rng = np.random.default_rng(seed)
-  bits = getattr(getattr(module, "cfg", None), "w_bits", 4)
-
-  def fill(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      fan_in = s.shape[-2] if len(s.shape) == 3 else int(np.prod(s.shape[:-1]))
-      return np.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
-    if name in ("bias", "mean"):
-      return np.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-    if name in ("scale", "var"):
-      return np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-    if name in ("w_step", "a_step"):
-      return np.ones(s.shape, s.dtype)
-    if name == "site":
-      return np.full(s.shape, bits, s.dtype)
-    return np.zeros(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _drop(tree, collection):
@@ -80,7 +57,7 @@ def test_quant_config_from_method():
 def test_layers_reject_bad_mode():
   x = _randn(0, (2, 4))
   layer = QuantDense(3, cfg=PQ44)
-  variables = _np_variables(layer, x)
+  variables = host_variables(layer, x)
   with pytest.raises(ValueError, match="mode"):
     layer.apply(variables, x, mode="int8")
   with pytest.raises(ValueError, match="bypass_prob"):
@@ -101,7 +78,7 @@ def _small_vig(cfg):
 def small_vig():
   x = _randn(1, (2, 8, 8, 1))
   q_model, fp_model = _small_vig(PQ44), _small_vig(FP)
-  variables = _np_variables(q_model, x)
+  variables = host_variables(q_model, x)
 
   # Variables are jit arguments: a closed-over concrete kernel trips the quantizers' eager
   # NaN check under jit (ConcretizationTypeError; reported, qgnn_jax/quant).
@@ -128,7 +105,7 @@ def test_mode_fp_equals_unquantized_model(small_vig):
 
 def test_mode_stochastic(small_vig):
   x, _, run = small_vig
-  k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+  k0 = jax.random.PRNGKey(0)
   fp, q = run(x, k0, mode="fp"), run(x, k0, mode="quant")
   # Same key -> same output; some key gives a different bypass pattern.
   a = run(x, k0, mode="stochastic", p=0.5)
@@ -145,7 +122,7 @@ def test_stochastic_mode_extremes_at_a_layer(quantizer):
   cfg = QuantConfig.from_method(quantizer, 3, 3)
   x = _randn(9, (6, 8), 2.0)
   layer = QuantDense(5, cfg=cfg)
-  variables = _np_variables(layer, x)
+  variables = host_variables(layer, x)
 
   @functools.partial(jax.jit, static_argnames=("mode", "p"))
   def run(variables, x, key, mode, p=0.0):
@@ -208,7 +185,7 @@ def test_quant_dense_uses_quantized_weight_and_input(granularity):
   cfg = QuantConfig.from_method("pq", 4, 4, w_granularity=granularity)
   x = _randn(2, (5, 12))
   layer = QuantDense(8, cfg=cfg, groups=4)
-  variables = _np_variables(layer, x)
+  variables = host_variables(layer, x)
 
   @jax.jit
   def run(variables, x):
@@ -235,7 +212,7 @@ def test_quant_dense_uses_quantized_weight_and_input(granularity):
 def test_quant_conv_weights_per_output_channel():
   x = _randn(3, (2, 6, 6, 4))
   layer = QuantConv(5, (3, 3), (2, 2), cfg=PQ44)
-  variables = _np_variables(layer, x)
+  variables = host_variables(layer, x)
   y = jax.jit(lambda v, x: layer.apply(v, x, mode="quant"))(variables, x)
   assert y.shape == (2, 3, 3, 5)
   w = _seen_kernel(PQ44, variables["params"]["kernel"])
@@ -251,7 +228,7 @@ def test_lsq_calibrate_sets_steps():
   cfg = QuantConfig.from_method("lsq", 4, 4)
   x = _randn(4, (16, 8), scale=5.0)
   layer = QuantDense(6, cfg=cfg)
-  variables = _np_variables(layer, x)
+  variables = host_variables(layer, x)
   assert float(variables["params"]["quant"]["w_step"]) == 1.0
 
   @functools.partial(jax.jit, static_argnames=("calibrate",))
@@ -280,7 +257,7 @@ def test_ema_ranges_update_in_train_and_are_used_in_eval(quantizer):
                     ema_momentum=0.9)
   x1, x2, x3 = _randn(5, (32, 8)), _randn(6, (32, 8), 2.0), _randn(7, (32, 8), 4.0)
   layer = QuantDense(6, cfg=cfg)
-  variables = _np_variables(layer, x1)
+  variables = host_variables(layer, x1)
   rng_fn = quant.minmax_range if quantizer == "minmax" else functools.partial(quant.pauta_range,
                                                                               lam=cfg.lam)
 
@@ -336,7 +313,7 @@ def test_quantized_layer_under_jit_with_closed_over_variables(quantizer):
   cfg = QuantConfig.from_method(quantizer, 4, 4)
   x = _randn(10, (4, 8))
   layer = QuantDense(3, cfg=cfg)
-  variables = jax.tree_util.tree_map(jnp.asarray, _np_variables(layer, x))
+  variables = jax.tree_util.tree_map(jnp.asarray, host_variables(layer, x))
   y = jax.jit(lambda x: layer.apply(variables, x, mode="quant"))(x)
   z = jax.jit(lambda v, x: layer.apply(v, x, mode="quant"))(variables, x)
   np.testing.assert_allclose(y, z, rtol=1e-6, atol=1e-6)

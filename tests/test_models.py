@@ -4,7 +4,6 @@ Variables come from `jax.eval_shape(model.init)` filled on the host, so no RNG
 kernels are compiled (threefry compiles slowly on CPU); one test runs a real
 `init`. The 224-px variants are marked slow (CI runs them).
 """
-import functools
 
 import os
 
@@ -13,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import host_variables
 from qgnn_jax.layers import QuantConfig
-from qgnn_jax.models import MODELS, create_model
+from qgnn_jax.models import INPUT_SHAPES, MODELS, create_model, input_shape
 from qgnn_jax.models.vig import ViG
 from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, count_params, relative_pos_bias,
                                   relative_pos_entries)
@@ -22,45 +22,10 @@ from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, count_params, rela
 SLOW = pytest.mark.slow
 
 
-def _input_shape(name):
-  """NHWC shape of one image for a registered variant, from its name."""
-  if name.endswith("_224"):
-    return (224, 224, 3)
-  if name.endswith("_32"):
-    return (32, 32, 3)
-  if name.endswith("_28"):
-    return (28, 28, 1)
-  if name == "vig_digits":
-    return (8, 8, 1)
-  raise AssertionError(f"test_models.py does not know the input size of variant {name!r}")
-
-
-def _np_variables(model, x, seed=0):
-  """Variables with the shapes of model.init, filled on the host (kernels ~ N(0, 1/fan_in))."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  rng = np.random.default_rng(seed)
-  bits = model.cfg.w_bits
-
-  def fill(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      fan_in = s.shape[-2] if len(s.shape) == 3 else int(np.prod(s.shape[:-1]))
-      return np.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
-    if name in ("bias", "mean", "pos_embed"):
-      return np.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-    if name in ("scale", "var"):
-      return np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-    if name in ("w_step", "a_step"):
-      return np.full(s.shape, 0.1, s.dtype)
-    if name == "site":
-      return np.full(s.shape, bits, s.dtype)
-    return np.zeros(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _images(name, batch=2, seed=0):
-  return np.random.default_rng(seed).standard_normal((batch,) + _input_shape(name)).astype(
+  return np.random.default_rng(seed).standard_normal((batch,) + input_shape(name)).astype(
       np.float32)
 
 
@@ -83,7 +48,7 @@ def _forward_backward(model, variables, x, mode="fp"):
 
 
 def _check_step(model, name, x, mode="fp"):
-  variables = _np_variables(model, x)
+  variables = host_variables(model, x, step=0.1)
   value, logits, feats, new_state, grads = _forward_backward(model, variables, x, mode)
   assert logits.shape == (x.shape[0], model.num_classes) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits)) and np.isfinite(value), name
@@ -135,8 +100,11 @@ def test_registry_names_and_errors():
                "pvig_b_224", "vig_ti_32", "vig_digits"]:
     assert name in MODELS
   assert any(n.endswith("_28") for n in MODELS)
-  for name in MODELS:
-    _input_shape(name)  # every variant has a known input size
+  assert set(INPUT_SHAPES) == set(MODELS)  # every variant has a known input size
+  assert input_shape("vig_ti_224") == input_shape("pvig_b_224") == (224, 224, 3)
+  assert input_shape("vig_ti_32") == (32, 32, 3) and input_shape("vig_digits") == (8, 8, 1)
+  with pytest.raises(ValueError, match="unknown model 'vig_huge'"):
+    input_shape("vig_huge")
   model = create_model("pvig_ti_224", 10, QuantConfig.from_method("pq", 4, 4), axis_name="batch")
   assert isinstance(model, PyramidViG) and model.num_classes == 10
   assert model.cfg.w_quantizer == "pauta" and model.axis_name == "batch"
@@ -245,7 +213,7 @@ def test_quantized_small_model_trains():
   """W4A4 PQ in quant mode: finite straight-through gradients, EMA ranges updated (5 sites)."""
   model = _tiny_vig(QuantConfig.from_method("pq", 4, 4))
   x = _images("vig_digits")
-  variables = _np_variables(model, x)
+  variables = host_variables(model, x, step=0.1)
   _, logits, _, new_state, grads = _forward_backward(model, variables, x, mode="quant")
   assert np.all(np.isfinite(logits))
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
@@ -265,7 +233,7 @@ def _tiny_pyramid(**kw):
 def test_tiny_pyramid_forward_backward():
   model = _tiny_pyramid()
   x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
-  variables = _np_variables(model, x)
+  variables = host_variables(model, x, step=0.1)
   assert variables["params"]["pos_embed"].shape == (1, 16, 16, 8)
   assert {"downsample1", "downsample2", "downsample3"} <= set(variables["params"])
   assert "downsample0" not in variables["params"]

@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 
 from qgnn_jax.layers import FP, QuantConfig
+from qgnn_jax.models.pvig import PYRAMID_MODELS
 from qgnn_jax.models.vig import ViG
 
 _SMALL = (2, 2, 1, 1, 1)  # stride-4 stem for 28/32-px inputs
@@ -32,11 +33,23 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
                                     head_hidden=128),
 }
 
-try:  # the pyramid variants live in their own module
-  from qgnn_jax.models.pvig import PYRAMID_MODELS
-  MODELS.update(PYRAMID_MODELS)
-except ImportError:  # pragma: no cover - during development only
-  pass
+MODELS.update(PYRAMID_MODELS)
+
+# (H, W, C) of one input image per variant: what the stem's strides were sized for.
+INPUT_SHAPES: Dict[str, Tuple[int, int, int]] = {
+    **{name: (224, 224, 3) for name in MODELS if name.endswith("_224")},
+    "vig_ti_32": (32, 32, 3),
+    "vig_tiny_28": (28, 28, 1),
+    "vig_small_28": (28, 28, 1),
+    "vig_digits": (8, 8, 1),
+}
+
+
+def input_shape(name: str) -> Tuple[int, int, int]:
+  """(H, W, C) of one input image of a registered model (NHWC batches add B in front)."""
+  if name not in INPUT_SHAPES:
+    raise ValueError(f"unknown model {name!r}; valid: {sorted(INPUT_SHAPES)}")
+  return INPUT_SHAPES[name]
 
 
 def create_model(name: str, num_classes: int, quant_config: Optional[QuantConfig] = None,
