@@ -33,7 +33,8 @@ each per round, so that a burst of load hits all of them alike and the ratios
 stay meaningful; medians are reported. The 1-minute load average before and
 after the timed rounds is recorded in every result entry.
 
-``--json FILE`` writes {"device", "model", "batch", "results": [...]}, one
+``--json FILE`` writes {"device", "model", "batch", "params", "flops_per_image" (XLA's
+count for the FP forward), "results": [...]}, one
 entry per method with the keys above (and the spread, dtype, graph_impl,
 load). A table is printed with each method's step time relative to fp and pq.
 """
@@ -155,7 +156,8 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   from tqdm.auto import tqdm
   from qgnn_jax import train as train_lib
   from qgnn_jax.layers import QuantConfig
-  from qgnn_jax.models import create_model, input_shape
+  from qgnn_jax.models import create_model, forward_flops, input_shape
+  from qgnn_jax.models.pvig import count_params
 
   methods = list(methods)
   bad = [m for m in methods if m not in METHODS]
@@ -249,7 +251,11 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
         "steps": steps, "dtype": dtype, "graph_impl": graph_impl or "default",
         "load_before": load_before, "load_after": load_after,
     })
-  out = {"device": device_name(), "model": model_name, "batch": batch, "results": results}
+  fp_model = create_model(model_name, num_classes, dtype=jdtype, **extra)
+  one = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  out = {"device": device_name(), "model": model_name, "batch": batch,
+         "params": count_params(jax.eval_shape(fp_model.init, jax.random.PRNGKey(0), one)["params"]),
+         "flops_per_image": forward_flops(fp_model, shape), "results": results}
   if verbose:
     print(format_table(out))
   if json_path:
@@ -265,7 +271,9 @@ def format_table(out: Dict[str, Any]) -> str:
   """Markdown table of a run_bench result, with step-time ratios to fp and pq."""
   res = out["results"]
   ref = {r["method"]: r["train_step_ms_median"] for r in res}
-  lines = [f"device: {out['device']}  model: {out['model']}  batch: {out['batch']}",
+  size = (f"  params: {out['params']:,}  forward: {out['flops_per_image'] / 1e6:.1f} MFLOP/image "
+          f"(XLA count)" if "params" in out else "")
+  lines = [f"device: {out['device']}  model: {out['model']}{size}  batch: {out['batch']}",
            "| method | compile s | train step ms (median, IQR) | train img/s | eval img/s "
            "| graph share | / fp | / pq |", "|---|---|---|---|---|---|---|---|"]
   for r in res:

@@ -13,7 +13,8 @@ def test_bench_json_schema(tmp_path):
                   json_path=str(path), progress=False, verbose=False,
                   model_kwargs={"depth": 1})  # one block: the same code, a quarter of the compile
   out = json.loads(path.read_text())
-  assert set(out) == {"device", "model", "batch", "results"}
+  assert set(out) == {"device", "model", "batch", "params", "flops_per_image", "results"}
+  assert out["params"] > 1000 and out["flops_per_image"] > 1e5
   assert isinstance(out["device"], str) and out["device"]
   assert out["model"] == "vig_digits" and out["batch"] == 4
   assert [r["method"] for r in out["results"]] == ["fp", "pq"]

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import host_variables
 from qgnn_jax.layers import QuantConfig
-from qgnn_jax.models import INPUT_SHAPES, MODELS, create_model, input_shape
+from qgnn_jax.models import INPUT_SHAPES, MODELS, create_model, forward_flops, input_shape
 from qgnn_jax.models.vig import ViG
 from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, count_params, relative_pos_bias,
                                   relative_pos_entries)
@@ -288,3 +288,15 @@ def test_relative_pos_can_be_switched_off():
   assert count_params(a["params"]) == count_params(b["params"])  # a constant, not a parameter
   assert relative_pos_entries(_tiny_pyramid(relative_pos=False), (64, 64)) == 0
   assert relative_pos_entries(_tiny_pyramid(), (64, 64)) == 256 * 16 + 64 * 16 + 16 * 16 + 4 * 4
+
+
+def test_forward_flops_counts_the_model():
+  """XLA's count is linear in batch, grows with depth, and matches the conv+matmul MACs."""
+  small = create_model("vig_digits", 10, depth=1)
+  f1 = forward_flops(small, (8, 8, 1))
+  assert f1 > 0
+  np.testing.assert_allclose(forward_flops(small, (8, 8, 1), batch=4), 4 * f1, rtol=0.02)
+  assert forward_flops(create_model("vig_digits", 10, depth=2), (8, 8, 1)) > 1.2 * f1
+  # ViG-Ti at 224 px: the paper quotes 1.3 G multiply-adds; XLA counts 2 per multiply-add.
+  ti = forward_flops(create_model("vig_ti_224", 1000), (224, 224, 3))
+  assert 2 * 1.2e9 < ti < 2 * 1.6e9, ti
