@@ -101,22 +101,21 @@ def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
 
 
 def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
-  """The main table's runs, seed-major: every cell gets seed 0 before any gets seed 1.
-
-  Bit-widths run in cfg.bits order, W3A3 (cfg.w3_methods) last within a seed, so a
-  sweep cut short by its deadline still has every method at the first bit-width.
+  """The main table's runs in priority order, so a sweep cut short by its deadline still
+  has whole rows: seed-major over cfg.bits (every method at every bit-width gets seed 0
+  before any gets seed 1), then W3A3 (cfg.w3_methods) seed-major last.
   """
   seeds = parse_seeds(cfg.seeds)
-  order = [int(b) for b in cfg.bits.split(",")] + ([3] if 3 in seeds else [])
   runs = []
-  for s in range(max(seeds[b] for b in order)):
-    for bits in order:
-      if s >= seeds[bits]:
-        continue
-      methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
-      for method in methods:
-        extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
-        runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
+  for group, methods in (([int(b) for b in cfg.bits.split(",")], cfg.methods.split(",")),
+                         ([3] if 3 in seeds else [], cfg.w3_methods.split(","))):
+    for s in range(max([seeds[b] for b in group], default=0)):
+      for bits in group:
+        if s >= seeds[bits]:
+          continue
+        for method in methods:
+          extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
+          runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 
 

@@ -33,10 +33,12 @@ def test_cpu_plan_shares_one_fp_checkpoint_and_is_seed_major():
   assert [r.name for r in sweep.fp_runs(cfg)] == ["fp_s0"]
   runs = sweep.main_runs(cfg, "/w", {})
   assert {dict(r.overrides)["init_from"] for r in runs} == {"/w/fp_s0"}
+  bits = [int(dict(r.overrides)["w_bits"]) for r in runs]
   seeds = [int(dict(r.overrides)["seed"]) for r in runs]
-  assert seeds == sorted(seeds)  # every cell has seed 0 before any has seed 1
-  first = runs[:len(cfg.methods.split(","))]
-  assert {dict(r.overrides)["w_bits"] for r in first} == {"2"}
+  n = len(runs) - 2 * 2
+  assert bits[n:] == [3] * 4 and 3 not in bits[:n]  # W3A3 last
+  assert seeds[:n] == sorted(seeds[:n])  # every cell has seed 0 before any has seed 1
+  assert set(bits[:len(cfg.methods.split(","))]) == {2}  # W2A2 first
   assert len(runs) == len(set(r.name for r in runs)) == 6 * 3 + 6 * 2 + 2 * 2
 
 
