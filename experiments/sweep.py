@@ -171,6 +171,21 @@ def pick_winners(points: Sequence[Tuple[str, str, Optional[dict]]]) -> Tuple[Dic
   return winners, rows
 
 
+def summarize_sweeps(rows: Sequence[dict], winners: Dict[str, str]) -> str:
+  """Markdown: one line per swept field, validation top-1 (%) per value, winner in bold."""
+  by_field: Dict[Tuple[str, str, int], Dict[str, List[float]]] = {}
+  for r in rows:
+    by_field.setdefault((r["field"], r["method"], r["bits"]), {}).setdefault(
+        r["value"], []).append(100 * r["val_top1"])
+  lines = ["| field | method | bits | validation top-1 (%) per value | winner |",
+           "|---|---|---|---|---|"]
+  for (field, method, bits), vals in by_field.items():
+    cells = ", ".join((f"**{v}: {statistics.mean(x):.2f}**" if v == winners.get(field)
+                       else f"{v}: {statistics.mean(x):.2f}") for v, x in vals.items())
+    lines.append(f"| {field} | {method} | W{bits}A{bits} | {cells} | {winners.get(field, '-')} |")
+  return "\n".join(lines)
+
+
 def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
@@ -258,6 +273,8 @@ def main(argv):
               ("field", "value", "method", "bits", "val_top1", "run"))
     with open(os.path.join(out, "winners.json"), "w") as f:
       json.dump(winners, f, indent=2)
+    with open(os.path.join(out, "sweeps.md"), "w") as f:
+      f.write(summarize_sweeps(rows, winners) + "\n")
   print("winners:", winners, flush=True)
   main_res = run(main_runs(cfg, workdir, winners), "main")
   if "report" in phases:

@@ -48,6 +48,10 @@ def test_pick_winners_by_mean_validation():
          ("tau", "1", None)]
   winners, rows = sweep.pick_winners(pts)
   assert winners == {"lam": "2"} and len(rows) == 4
+  table = sweep.summarize_sweeps(rows, winners).splitlines()
+  assert len(table) == 2 + 2  # header, rule, one line per (field, method, bits)
+  assert "| lam | pq | W4A4 | **2: 90.00**, 3: 91.00 | 2 |" in table
+  assert "| lam | pq | W2A2 | **2: 80.00**, 3: 70.00 | 2 |" in table
 
 
 def test_summary_and_plot(tmp_path):

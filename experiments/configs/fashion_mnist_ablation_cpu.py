@@ -35,4 +35,8 @@ def get_config():
       "quant_lr:lsq:2:5e-5,5e-4,5e-3",
       "lam:pq:2:2,2.5,3,4",
   ])
+  # The overhead column: median train-step time / pq's, all methods in one interleaved run:
+  #   python -m experiments.bench --model vig_tiny_28 --batch 128 --nograph_share \
+  #     --methods fp,minmax,lsq,pq,pq+aqd,pq+sqd,pq+aqd+sqd --json <this path>
+  c.bench_json = "experiments/results/fashion_mnist/bench_vig_tiny_28.json"
   return c
