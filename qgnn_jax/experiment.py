@@ -51,7 +51,9 @@ def quant_config(config) -> QuantConfig:
   return QuantConfig.from_method(
       m["quantizer"], int(config.w_bits), int(config.a_bits), lam=float(config.lam),
       ema_momentum=float(config.ema_momentum), quantize_stem=bool(config.quantize_stem),
-      quantize_head=bool(config.quantize_head))
+      quantize_head=bool(config.quantize_head),
+      w_symmetric=bool(config.w_symmetric), a_symmetric=bool(config.a_symmetric),
+      w_granularity=str(config.w_granularity), a_granularity=str(config.a_granularity))
 
 
 def loss_config(config) -> train_lib.LossConfig:

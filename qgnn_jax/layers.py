@@ -99,27 +99,30 @@ def _check_mode(mode: str, bypass_prob: float) -> None:
 
 
 def synced_range(x: jax.Array, quantizer: str, lam: float, symmetric: bool,
-                 axis_name: Optional[str]) -> Tuple[jax.Array, jax.Array]:
-  """Per-tensor (lo, hi) of a batch of activations, synchronised over `axis_name`.
+                 axis_name: Optional[str], per_channel: bool = False
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """(lo, hi) of a batch of activations, synchronised over `axis_name`.
 
-  Under pmap the statistics are those of the global batch, so N devices give the
-  same range as one device on the whole batch. Float32 scalars, no gradient.
+  Per tensor: float32 scalars. Per channel (`per_channel`): float32 (C,) arrays over the
+  last axis, statistics over every other axis. Under pmap the statistics are those of the
+  global batch (min/max all-reduced, moments averaged), so N devices give the same range as
+  one device on the whole batch. No gradient.
   """
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
-  if axis_name is None:
-    fn = quant.pauta_range if quantizer == "pauta" else quant.minmax_range
-    kw = {"lam": lam} if quantizer == "pauta" else {}
-    lo, hi = fn(x, symmetric=symmetric, **kw)
-    return jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-  mn = jax.lax.pmin(jnp.min(x), axis_name)
-  mx = jax.lax.pmax(jnp.max(x), axis_name)
+  x = x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1)
+  mn = jnp.min(x, axis=0)
+  mx = jnp.max(x, axis=0)
+  mean = jnp.mean(x, axis=0)
+  msq = jnp.mean(x * x, axis=0)
+  if axis_name is not None:
+    mn, mx = jax.lax.pmin(mn, axis_name), jax.lax.pmax(mx, axis_name)
+    mean, msq = jax.lax.pmean(mean, axis_name), jax.lax.pmean(msq, axis_name)
   if quantizer == "minmax":
     if symmetric:
       a = jnp.maximum(-mn, mx)
       return -a, a
     return mn, mx
-  mean = jax.lax.pmean(jnp.mean(x), axis_name)
-  msq = jax.lax.pmean(jnp.mean(x * x), axis_name)
+  # E[x^2] - E[x]^2 rather than a centred second pass: one all-reduce of two moments.
   std = jnp.sqrt(jnp.maximum(msq - mean * mean, 0.0))
   if symmetric:
     a = jnp.minimum(jnp.abs(mean) + lam * std, jnp.maximum(-mn, mx))
@@ -184,11 +187,15 @@ class QuantSite(nn.Module):
       return x
     if cfg.a_quantizer == "lsq":
       return self._lsq("a_step", x, cfg.a_bits, calibrate)
-    lo_v = self.variable("quant_stats", "a_lo", lambda: jnp.zeros((), jnp.float32))
-    hi_v = self.variable("quant_stats", "a_hi", lambda: jnp.zeros((), jnp.float32))
+    per_channel = cfg.a_granularity == "channel"
+    shape = (x.shape[-1],) if per_channel else ()
+    lo_v = self.variable("quant_stats", "a_lo", lambda: jnp.zeros(shape, jnp.float32))
+    hi_v = self.variable("quant_stats", "a_hi", lambda: jnp.zeros(shape, jnp.float32))
     n_v = self.variable("quant_stats", "a_count", lambda: jnp.zeros((), jnp.int32))
+    range_of_batch = lambda: synced_range(x, cfg.a_quantizer, cfg.lam, cfg.a_symmetric,
+                                          self.axis_name, per_channel)
     if train or calibrate:
-      lo, hi = synced_range(x, cfg.a_quantizer, cfg.lam, cfg.a_symmetric, self.axis_name)
+      lo, hi = range_of_batch()
       if self.is_mutable_collection("quant_stats") and not self.is_initializing():
         m = jnp.where((n_v.value == 0) | calibrate, 0.0, cfg.ema_momentum)
         lo_v.value = m * lo_v.value + (1 - m) * lo
@@ -196,7 +203,7 @@ class QuantSite(nn.Module):
         n_v.value = n_v.value + 1
     else:
       have_ema = n_v.value > 0
-      lo_b, hi_b = synced_range(x, cfg.a_quantizer, cfg.lam, cfg.a_symmetric, self.axis_name)
+      lo_b, hi_b = range_of_batch()
       lo = jnp.where(have_ema, lo_v.value, lo_b)
       hi = jnp.where(have_ema, hi_v.value, hi_b)
     return quant.fake_quant(x, lo.astype(x.dtype), hi.astype(x.dtype), cfg.a_bits,

@@ -87,6 +87,22 @@ def test_bad_method_and_missing_init(tmp_path):
                                   str(tmp_path / "run"))
 
 
+def test_quant_config_carries_every_grid_choice():
+  c = quickstart.get_config()
+  c.method, c.w_bits, c.a_bits, c.lam = "pq+sqd", 2, 3, 2.5
+  q = experiment.quant_config(c)
+  assert (q.w_quantizer, q.a_quantizer, q.w_bits, q.a_bits, q.lam) == ("pauta", "pauta", 2, 3, 2.5)
+  assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
+      True, False, "channel", "tensor")
+  c.w_symmetric, c.a_symmetric, c.w_granularity, c.a_granularity = False, True, "tensor", "channel"
+  q = experiment.quant_config(c)
+  assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
+      False, True, "tensor", "channel")
+  c.a_granularity = "row"
+  with pytest.raises(ValueError, match="a_granularity='row'"):
+    experiment.quant_config(c)
+
+
 def test_cli_quickstart_end_to_end(tmp_path):
   cmd = [sys.executable, "-m", "experiments.run", f"--workdir={tmp_path}",
          "--config.pretrain_fp_epochs=0.1", "--config.num_epochs=0.1", "--config.progress=False"]

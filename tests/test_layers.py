@@ -294,17 +294,57 @@ def test_ema_ranges_update_in_train_and_are_used_in_eval(quantizer):
   np.testing.assert_allclose(stats(s4)[:2], (lo3, hi3), rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("quantizer", ["minmax", "pauta"])
-def test_synced_range_under_pmap_equals_global_batch(quantizer):
+def test_synced_range_under_pmap_equals_global_batch(quantizer, per_channel):
   n = jax.local_device_count()
   if n < 2:
     pytest.skip("needs 2 devices (tests/conftest.py sets XLA_FLAGS)")
   x = _randn(8, (2, 64, 8)) + np.array([0.0, 3.0], np.float32)[:, None, None]
-  f = jax.pmap(lambda x: synced_range(x, quantizer, 3.0, False, "d"), axis_name="d")
+  f = jax.pmap(lambda x: synced_range(x, quantizer, 3.0, False, "d", per_channel),
+               axis_name="d")
   lo, hi = f(x[:2])
-  want = synced_range(jnp.asarray(x[:2]).reshape(-1, 8), quantizer, 3.0, False, None)
-  np.testing.assert_allclose(lo, [want[0]] * 2, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(hi, [want[1]] * 2, rtol=1e-5, atol=1e-5)
+  want = synced_range(jnp.asarray(x[:2]).reshape(-1, 8), quantizer, 3.0, False, None,
+                      per_channel)
+  assert lo.shape == (2,) + ((8,) if per_channel else ())
+  np.testing.assert_allclose(lo, np.stack([want[0]] * 2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(hi, np.stack([want[1]] * 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("quantizer", ["minmax", "pauta"])
+def test_synced_range_equals_the_quantizer_library(quantizer, symmetric):
+  """One device: the activation range is quant's pauta_range / minmax_range, per tensor and
+  per channel (with a channel far from zero, where E[x^2] - E[x]^2 could lose precision)."""
+  x = _randn(3, (4, 25, 6)) * np.float32([1, 2, 0.5, 1, 1, 3]) + np.float32([0, 0, 5, -2, 0, 1])
+  fn = quant.pauta_range if quantizer == "pauta" else quant.minmax_range
+  kw = {"lam": 2.5} if quantizer == "pauta" else {}
+  for per_channel in (False, True):
+    lo, hi = synced_range(x, quantizer, 2.5, symmetric, None, per_channel)
+    want = fn(x.reshape(-1, 6), channel_axis=-1 if per_channel else None, symmetric=symmetric,
+              **kw)
+    np.testing.assert_allclose(lo, np.reshape(want[0], lo.shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hi, np.reshape(want[1], hi.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_per_channel_activation_ranges():
+  """a_granularity='channel': one EMA pair per input channel; each channel on its own grid."""
+  cfg = QuantConfig.from_method("pauta", 4, 2, a_granularity="channel")
+  x = _randn(4, (64, 3)) * np.float32([0.1, 1.0, 10.0])
+  layer = QuantDense(5, cfg=cfg, use_bias=False)
+  variables = host_variables(layer, x)
+  _, new = jax.jit(lambda v, x: layer.apply(v, x, train=True, mode="quant",
+                                            mutable=["quant_stats"]))(variables, x)
+  stats = new["quant_stats"]["quant"]
+  assert stats["a_lo"].shape == stats["a_hi"].shape == (3,)
+  lo, hi = quant.pauta_range(x, lam=3.0, channel_axis=-1)
+  np.testing.assert_allclose(stats["a_lo"], np.ravel(lo), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["a_hi"], np.ravel(hi), rtol=1e-5, atol=1e-6)
+  # The quantized input: <= 2^2 levels per channel, spaced by that channel's own step.
+  xq = quant.fake_quant(x, stats["a_lo"], stats["a_hi"], 2)
+  for c in range(3):
+    assert len(np.unique(np.asarray(xq[:, c]))) <= 4
+  assert np.ptp(np.asarray(xq[:, 0])) < 1.0 < np.ptp(np.asarray(xq[:, 2]))
 
 
 @pytest.mark.parametrize("quantizer", ["pauta", "lsq"])

@@ -24,8 +24,8 @@ def test_plan_covers_protocol():
   assert all(dict(r.overrides)["eval_on"] == "test" for r in runs)
   points = sweep.sweep_runs(cfg, "/w")
   assert all(dict(r.overrides)["eval_on"] == "validation" for _, _, r in points)
-  assert {f for f, _, _ in points} == {"lam", "aqd_alpha", "aqd_tau", "sqd_beta", "sqd_p",
-                                       "sqd_temperature", "quant_lr"}
+  assert {f for f, _, _ in points} == {"lam", "w_symmetric", "aqd_alpha", "aqd_tau", "sqd_beta",
+                                       "sqd_p", "sqd_temperature", "quant_lr"}
 
 
 def test_cpu_plan_shares_one_fp_checkpoint_and_is_seed_major():

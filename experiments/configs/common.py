@@ -16,6 +16,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.w_bits = 4
   c.a_bits = 4
   c.lam = 3.0                # PQ's lambda
+  c.w_symmetric = True       # weights: symmetric grid, codes +-(2^(b-1) - 1)
+  c.a_symmetric = False      # activations: asymmetric grid, 2^b levels over [lo, hi]
+  c.w_granularity = "channel"  # channel | tensor
+  c.a_granularity = "tensor"   # channel | tensor
   c.ema_momentum = 0.9       # activation-range EMA
   c.quantize_stem = False
   c.quantize_head = False

@@ -34,6 +34,8 @@ def get_config():
   c.sweeps = ";".join([
       "quant_lr:lsq:2:5e-5,5e-4,5e-3",
       "lam:pq:2:2,2.5,3,4",
+      # At 2 bits a symmetric weight grid has 3 levels (codes -1, 0, 1), an asymmetric one 4.
+      "w_symmetric:pq:2:True,False",
   ])
   # The overhead column: median train-step time / pq's, all methods in one interleaved run:
   #   python -m experiments.bench --model vig_tiny_28 --batch 128 --nograph_share \
