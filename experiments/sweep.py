@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import statistics
@@ -90,32 +91,79 @@ def qat_run(cfg, workdir: str, method: str, bits: int, seed: int, eval_on: str,
   return Run(name, tuple(ov) + tuple(extra))
 
 
+def run_defaults(cfg) -> Dict[str, object]:
+  """The run config every sweep point starts from: cfg.base_config's get_config() + cfg.run."""
+  module = importlib.import_module(cfg.base_config.replace(os.sep, ".").removesuffix(".py"))
+  base = module.get_config()
+  base.update(cfg.run)
+  return dict(base.items())
+
+
+def same_value(text: str, default: object) -> bool:
+  """Whether a sweep value (as written in the config string) is the run's default."""
+  if isinstance(default, bool):
+    return text.strip().lower() in ("true", "1") if default else text.strip().lower() in (
+        "false", "0")
+  if isinstance(default, (int, float)):
+    try:
+      return float(text) == float(default)
+    except ValueError:
+      return False
+  return text == str(default)
+
+
 def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
-  """(field, value, run) for every sweep point; seed 0, evaluated on validation."""
+  """(field, value, run) for every sweep point; seed 0, evaluated on validation.
+
+  A point at the run's default value is one shared run per (method, bits), named
+  `..._default`, whatever field it belongs to: it is trained once.
+  """
+  defaults = run_defaults(cfg)
   out = []
   for field, method, bits, values in parse_sweeps(cfg.sweeps):
+    if field not in defaults:
+      raise ValueError(f"sweep field {field!r} is not a run config field; valid: "
+                       f"{sorted(defaults)}")
     for v in values:
-      out.append((field, v, qat_run(cfg, workdir, method, bits, 0, "validation",
-                                    ((field, v),), tag=f"_{field}{v}")))
+      if same_value(v, defaults[field]):
+        run = qat_run(cfg, workdir, method, bits, 0, "validation", (), tag="_default")
+      else:
+        run = qat_run(cfg, workdir, method, bits, 0, "validation", ((field, v),),
+                      tag=f"_{field}{v}")
+      out.append((field, v, run))
   return out
 
 
-def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
-  """The main table's runs in priority order, so a sweep cut short by its deadline still
-  has whole rows: seed-major over cfg.bits (every method at every bit-width gets seed 0
-  before any gets seed 1), then W3A3 (cfg.w3_methods) seed-major last.
+def main_cells(cfg) -> List[Tuple[int, int]]:
+  """(bits, seed) blocks of the main table in run order.
+
+  cfg.main_order ('2:0,2:1,4:0,...') if set, and it must list every cell once; otherwise
+  seed-major over cfg.bits (every method at every bit-width gets seed 0 before any gets
+  seed 1), then W3A3 seed-major last. Either way a sweep cut short by its deadline still
+  has whole rows.
   """
   seeds = parse_seeds(cfg.seeds)
+  bits = [int(b) for b in cfg.bits.split(",")]
+  cells = [(b, s) for s in range(max(seeds[b] for b in bits)) for b in bits if s < seeds[b]]
+  if 3 in seeds:
+    cells += [(3, s) for s in range(seeds[3])]
+  if cfg.get("main_order"):
+    order = [tuple(int(v) for v in item.split(":")) for item in cfg.main_order.split(",")]
+    if sorted(order) != sorted(cells):
+      raise ValueError(f"main_order={cfg.main_order!r} must list each (bits:seed) cell once: "
+                       f"{sorted(cells)}")
+    cells = order
+  return cells
+
+
+def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
+  """The main table's runs, in main_cells order, with the sweep winners applied."""
   runs = []
-  for group, methods in (([int(b) for b in cfg.bits.split(",")], cfg.methods.split(",")),
-                         ([3] if 3 in seeds else [], cfg.w3_methods.split(","))):
-    for s in range(max([seeds[b] for b in group], default=0)):
-      for bits in group:
-        if s >= seeds[bits]:
-          continue
-        for method in methods:
-          extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
-          runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
+  for bits, s in main_cells(cfg):
+    methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
+    for method in methods:
+      extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
+      runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 
 
@@ -146,8 +194,10 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
         return None
     with open(res) as f:
       return {"run": run.name, **json.load(f)}
+  unique = list({r.name: r for r in runs}.values())  # a shared run is trained once
   with ThreadPoolExecutor(max(1, parallel)) as pool:
-    return list(pool.map(one, runs))
+    done = dict(zip((r.name for r in unique), pool.map(one, unique)))
+  return [done[r.name] for r in runs]
 
 
 # ----------------------------------------------------------------------------- reports

@@ -1,4 +1,9 @@
 """The ablation sweep's planning and reporting (no training here; see test_experiment)."""
+import json
+import os
+
+import pytest
+
 from experiments import sweep
 from experiments.configs import fashion_mnist_ablation, fashion_mnist_ablation_cpu
 
@@ -33,13 +38,36 @@ def test_cpu_plan_shares_one_fp_checkpoint_and_is_seed_major():
   assert [r.name for r in sweep.fp_runs(cfg)] == ["fp_s0"]
   runs = sweep.main_runs(cfg, "/w", {})
   assert {dict(r.overrides)["init_from"] for r in runs} == {"/w/fp_s0"}
-  bits = [int(dict(r.overrides)["w_bits"]) for r in runs]
-  seeds = [int(dict(r.overrides)["seed"]) for r in runs]
-  n = len(runs) - 2 * 2
-  assert bits[n:] == [3] * 4 and 3 not in bits[:n]  # W3A3 last
-  assert seeds[:n] == sorted(seeds[:n])  # every cell has seed 0 before any has seed 1
-  assert set(bits[:len(cfg.methods.split(","))]) == {2}  # W2A2 first
+  assert sweep.main_cells(cfg) == [(2, 0), (2, 1), (4, 0), (2, 2), (4, 1), (3, 0), (3, 1)]
+  assert [r.name for r in runs[:2]] == ["minmax_w2a2_s0", "lsq_w2a2_s0"]
   assert len(runs) == len(set(r.name for r in runs)) == 6 * 3 + 6 * 2 + 2 * 2
+  # Without main_order: seed-major over cfg.bits, W3A3 last.
+  cfg.main_order = ""
+  assert sweep.main_cells(cfg) == [(2, 0), (4, 0), (2, 1), (4, 1), (2, 2), (3, 0), (3, 1)]
+  cfg.main_order = "2:0,4:0"
+  with pytest.raises(ValueError, match="each \\(bits:seed\\) cell once"):
+    sweep.main_cells(cfg)
+
+
+def test_sweep_points_at_the_default_share_one_run(tmp_path):
+  cfg = fashion_mnist_ablation_cpu.get_config()
+  points = sweep.sweep_runs(cfg, str(tmp_path))
+  by = {(f, v): r.name for f, v, r in points}
+  # lambda = 3 and w_symmetric = True are both the run's defaults: the same run.
+  assert by[("lam", "3")] == by[("w_symmetric", "True")] == "pq_w2a2_s0_default"
+  assert by[("lam", "2.5")] == "pq_w2a2_s0_lam2.5"
+  assert by[("w_symmetric", "False")] == "pq_w2a2_s0_w_symmetricFalse"
+  # execute() trains a shared run once and hands its result to every point.
+  os.makedirs(tmp_path / "pq_w2a2_s0_default")
+  (tmp_path / "pq_w2a2_s0_default" / "results.json").write_text(json.dumps(
+      {"method": "pq", "w_bits": 2, "top1": 0.5}))
+  res = sweep.execute([r for _, _, r in points], cfg, str(tmp_path), 2, run_missing=False)
+  got = {(f, v): x for (f, v, _), x in zip(points, res)}
+  assert got[("lam", "3")]["top1"] == got[("w_symmetric", "True")]["top1"] == 0.5
+  assert got[("lam", "2")] is None
+  cfg.sweeps = "no_such_field:pq:2:1,2"
+  with pytest.raises(ValueError, match="no_such_field"):
+    sweep.sweep_runs(cfg, str(tmp_path))
 
 
 def test_pick_winners_by_mean_validation():

@@ -8,7 +8,7 @@ table -> ablation.csv, sweeps.csv, summary.md, accuracy_vs_bits.png), resumable,
   - vig_tiny_28 (0.70M params) instead of vig_small_28: ~130 train img/s here, vs 63;
   - one FP checkpoint (5 epochs) shared by every QAT seed (fp_seeds = 1);
   - QAT fine-tunes of 0.25 epoch (107 steps at batch 128);
-  - W2A2 first (where the methods differ), runs ordered seed-major;
+  - W2A2 first (where the methods differ): main_order puts its seeds 0, 1 first;
   - the sweeps that decide fairness first: PQ's lambda and LSQ's step lr at W2A2.
 --parallel 2 overlaps one run's single-threaded compile with the other's training.
 Measured results (and what this protocol cannot show): README, "Ablation".
@@ -31,6 +31,8 @@ def get_config():
   c.qat_warmup_epochs = 0.05
   c.bits = "2,4"
   c.seeds = "2:3,4:2,3:2"
+  # W2A2's second seed before W4A4's first: the targets that decide the claims are at W2A2.
+  c.main_order = "2:0,2:1,4:0,2:2,4:1,3:0,3:1"
   c.sweeps = ";".join([
       "quant_lr:lsq:2:5e-5,5e-4,5e-3",
       "lam:pq:2:2,2.5,3,4",
