@@ -267,6 +267,55 @@ def summarize(results: Sequence[dict], fp_results: Sequence[dict],
   return "\n".join(lines)
 
 
+# (label, method a, method b): the paper's claims as "a beats b" comparisons.
+CLAIMS = (
+    ("(1) PQ's range beats min-max", "pq", "minmax"),
+    ("(2) AQD improves PQ", "pq+aqd", "pq"),
+    ("(3) SQD improves PQ", "pq+sqd", "pq"),
+    ("(4) PQ+AQD+SQD beats LSQ", "pq+aqd+sqd", "lsq"),
+    ("(4') PQ+AQD+SQD beats min-max", "pq+aqd+sqd", "minmax"),
+)
+
+
+def summarize_claims(results: Sequence[dict], fp_results: Sequence[dict]) -> str:
+  """Markdown: each claim's mean gain (points) per bit-width and whether it holds.
+
+  "holds" = the gain exceeds the larger of the two cells' standard deviations (the issue's
+  "more than one standard deviation"); "gain < 1 std" = positive but within noise; "no" =
+  not positive. Cells with < 2 seeds say so. Also the gap of pq+aqd+sqd to FP.
+  """
+  cells: Dict[Tuple[str, int], List[float]] = {}
+  for r in results:
+    cells.setdefault((r["method"], r["w_bits"]), []).append(100 * r["top1"])
+  bits = sorted({b for _, b in cells}, reverse=True)
+  lines = ["| claim | " + " | ".join(f"W{b}A{b}" for b in bits) + " |",
+           "|---|" + "---|" * len(bits)]
+
+  def verdict(a: List[float], b: List[float]) -> str:
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    gain, noise = ma - mb, max(sa, sb)
+    if min(len(a), len(b)) < 2:
+      word = "n < 2"
+    elif gain > noise:
+      word = "holds"
+    elif gain > 0:
+      word = "gain < 1 std"
+    else:
+      word = "no"
+    return f"{gain:+.2f} ({word})"
+
+  for label, a, b in CLAIMS:
+    row = [verdict(cells[a, k], cells[b, k]) if (a, k) in cells and (b, k) in cells else "-"
+           for k in bits]
+    lines.append(f"| {label} | " + " | ".join(row) + " |")
+  if fp_results:
+    fp = [100 * r["top1"] for r in fp_results]
+    row = [f"{mean_std(cells['pq+aqd+sqd', k])[0] - mean_std(fp)[0]:+.2f}"
+           if ("pq+aqd+sqd", k) in cells else "-" for k in bits]
+    lines.append("| pq+aqd+sqd minus FP (target > -0.5 at W4A4) | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
 def plot(results: Sequence[dict], fp_results: Sequence[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -332,6 +381,9 @@ def main(argv):
     fp_done = [r for r in fp_res if r]
     write_csv(os.path.join(out, "ablation.csv"), fp_done + done, CSV_FIELDS)
     table = summarize(done, fp_done, load_overhead(cfg.bench_json))
+    if done:
+      table += ("\n\nGain in test top-1 points, mean over seeds:\n\n"
+                + summarize_claims(done, fp_done))
     with open(os.path.join(out, "summary.md"), "w") as f:
       f.write(table + "\n")
     if done:

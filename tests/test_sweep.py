@@ -90,3 +90,19 @@ def test_summary_and_plot(tmp_path):
   assert "fp (32-bit) | 95.00" in table
   sweep.plot(res, [], str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_claims_table_verdicts():
+  res = ([_res("pq", 2, s, t) for s, t in enumerate((0.80, 0.82))]
+         + [_res("minmax", 2, s, t) for s, t in enumerate((0.70, 0.72))]     # +10: holds
+         + [_res("pq+aqd", 2, s, t) for s, t in enumerate((0.80, 0.84))]     # +1, std 2.8
+         + [_res("pq+sqd", 2, s, t) for s, t in enumerate((0.79, 0.79))]     # -2: no
+         + [_res("pq+aqd+sqd", 2, 0, 0.9)])                                  # n = 1
+  table = sweep.summarize_claims(res, [_res("fp", 32, 0, 0.95)]).splitlines()
+  assert table[0] == "| claim | W2A2 |"
+  assert "| (1) PQ's range beats min-max | +10.00 (holds) |" in table
+  assert "| (2) AQD improves PQ | +1.00 (gain < 1 std) |" in table
+  assert "| (3) SQD improves PQ | -2.00 (no) |" in table
+  assert "| (4) PQ+AQD+SQD beats LSQ | - |" in table  # no lsq cell
+  assert "| (4') PQ+AQD+SQD beats min-max | +19.00 (n < 2) |" in table
+  assert table[-1] == "| pq+aqd+sqd minus FP (target > -0.5 at W4A4) | -5.00 |"
