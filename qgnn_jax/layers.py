@@ -48,7 +48,7 @@ class QuantConfig:
   a_quantizer: str = "fp"
   w_bits: int = 4
   a_bits: int = 4
-  lam: float = 3.0
+  lam: float = 2.5
   w_granularity: str = "channel"
   a_granularity: str = "tensor"
   w_symmetric: bool = True

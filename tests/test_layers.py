@@ -337,7 +337,7 @@ def test_per_channel_activation_ranges():
                                             mutable=["quant_stats"]))(variables, x)
   stats = new["quant_stats"]["quant"]
   assert stats["a_lo"].shape == stats["a_hi"].shape == (3,)
-  lo, hi = quant.pauta_range(x, lam=3.0, channel_axis=-1)
+  lo, hi = quant.pauta_range(x, lam=cfg.lam, channel_axis=-1)
   np.testing.assert_allclose(stats["a_lo"], np.ravel(lo), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats["a_hi"], np.ravel(hi), rtol=1e-5, atol=1e-6)
   # The quantized input: <= 2^2 levels per channel, spaced by that channel's own step.

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "fp"            # fp | minmax | lsq | pq | pq+aqd | pq+sqd | pq+aqd+sqd
   c.w_bits = 4
   c.a_bits = 4
-  c.lam = 3.0                # PQ's lambda
+  c.lam = 2.5                # PQ's lambda: the W2A2 validation sweep's winner (docs/METHOD.md)
   c.w_symmetric = True       # weights: symmetric grid, codes +-(2^(b-1) - 1)
   c.a_symmetric = False      # activations: asymmetric grid, 2^b levels over [lo, hi]
   c.w_granularity = "channel"  # channel | tensor

@@ -23,6 +23,11 @@ def get_config():
   run.dataset = "fashion_mnist"
   run.model = "vig_small_28"
   run.val_holdout = 5000
+  # The sweeps' centre, pinned to SPEC's starting point: a sweep point equal to it is the
+  # shared "_default" run, so run names must not move when code defaults do.
+  run.lam = 3.0
+  run.w_symmetric = True
+  run.quant_lr = -1.0
   run.batch_size = 256
   run.eval_batch_size = 1000
   run.weight_decay = 0.05
