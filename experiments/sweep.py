@@ -255,7 +255,9 @@ def summarize(results: Sequence[dict], fp_results: Sequence[dict],
   lines = [head, "|---|" + "---|" * (len(bits) + 1)]
   if fp_results:
     m, s = mean_std([100 * r["top1"] for r in fp_results])
-    lines.append(f"| fp (32-bit) | {m:.2f} ± {s:.2f} (n={len(fp_results)})" + " |" * len(bits))
+    ov = overhead.get("fp") if overhead else None
+    lines.append(f"| fp (32-bit) | {m:.2f} ± {s:.2f} (n={len(fp_results)}) |"
+                 + " - |" * (len(bits) - 1) + (f" {ov:.2f}x |" if ov else " - |"))
   for method in methods:
     row = [f"| {method} "]
     for b in bits:

@@ -87,7 +87,7 @@ def test_summary_and_plot(tmp_path):
   table = sweep.summarize(res, [_res("fp", None, 0, 0.95)], {"pq": 1.0, "lsq": 1.2})
   assert "| pq | 91.00 ± 1.41 (n=2) | - | 1.00x |" in table
   assert "| lsq | - | 50.00 ± 0.00 (n=1) | 1.20x |" in table
-  assert "fp (32-bit) | 95.00" in table
+  assert "| fp (32-bit) | 95.00 ± 0.00 (n=1) | - | - |" in table
   sweep.plot(res, [], str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
 
