@@ -167,6 +167,24 @@ def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
   return runs
 
 
+def check_matches_plan(run: Run, wd: str) -> None:
+  """Refuses to reuse (or resume) a run whose saved config.json disagrees with the plan.
+
+  Run names do not encode the sweep winners, so after new sweep results a run of the same
+  name can mean other settings: reusing it silently would mix settings in one table.
+  Raises ValueError naming the field, the saved and the planned value.
+  """
+  path = os.path.join(wd, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  for k, v in run.overrides:
+    if k in saved and not same_value(v, saved[k]):
+      raise ValueError(f"{wd} was run with {k}={saved[k]!r} but the plan asks {k}={v}; "
+                       f"delete that run or use another --workdir")
+
+
 def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: bool = True,
             deadline: float = 0.0) -> List[Optional[dict]]:
   """Runs what is missing (parallel subprocesses); returns each run's results (or None).
@@ -177,6 +195,7 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
   def one(run: Run) -> Optional[dict]:
     wd = os.path.join(workdir, run.name)
     res = os.path.join(wd, "results.json")
+    check_matches_plan(run, wd)
     if not os.path.exists(res):
       if not run_missing or (deadline and time.time() > deadline):
         return None

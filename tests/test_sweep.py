@@ -106,3 +106,19 @@ def test_claims_table_verdicts():
   assert "| (4) PQ+AQD+SQD beats LSQ | - |" in table  # no lsq cell
   assert "| (4') PQ+AQD+SQD beats min-max | +19.00 (n < 2) |" in table
   assert table[-1] == "| pq+aqd+sqd minus FP (target > -0.5 at W4A4) | -5.00 |"
+
+
+def test_existing_run_with_other_settings_is_refused(tmp_path):
+  cfg = fashion_mnist_ablation_cpu.get_config()
+  run = sweep.main_runs(cfg, str(tmp_path), {"lam": "2.5"})[2]
+  assert run.name == "pq_w2a2_s0"
+  wd = tmp_path / run.name
+  os.makedirs(wd)
+  (wd / "results.json").write_text(json.dumps({"method": "pq", "w_bits": 2, "top1": 0.8}))
+  saved = {"method": "pq", "w_bits": 2, "a_bits": 2, "lam": 2.5, "init_from":
+           str(tmp_path / "fp_s0")}
+  (wd / "config.json").write_text(json.dumps(saved))
+  assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False)[0]["top1"] == 0.8
+  (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0}))
+  with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5"):
+    sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False)
