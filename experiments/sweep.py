@@ -1,11 +1,13 @@
-"""Ablation sweep: FP per seed -> validation sweeps -> main table, then CSV / Markdown / PNG.
+"""Ablation sweep: FP pretraining -> validation sweeps -> main table, then CSV / Markdown / PNG.
 
     python -m experiments.sweep --config experiments/configs/fashion_mnist_ablation.py \
         --workdir runs/ablation [--parallel N] [--out experiments/results/fashion_mnist]
 
 Every run is a `python -m experiments.run` subprocess with its own workdir; a run
 whose results.json exists is skipped, so the sweep resumes after a crash. With
---parallel N, N runs share the machine (useful on a GPU; on 2 CPU cores use 1).
+--parallel N, N runs share the machine (on a GPU many; on 2 CPU cores 2, which overlaps one
+run's single-threaded compile with the other's training). Each run's config.json must agree
+with the plan before it is reused (check_matches_plan).
 """
 from __future__ import annotations
 
@@ -56,10 +58,13 @@ def num_fp_seeds(cfg) -> int:
   (the CPU protocol shares one FP model; seeds then vary the QAT data order and init).
   """
   fp_seeds = int(cfg.get("fp_seeds", 0))
+  if fp_seeds < 0:
+    raise ValueError(f"fp_seeds={fp_seeds}; valid: 0 (one per QAT seed) or a positive count")
   return fp_seeds if fp_seeds > 0 else max(parse_seeds(cfg.seeds).values())
 
 
 def fp_runs(cfg) -> List[Run]:
+  """The FP pretraining runs fp_s0, fp_s1, ... (evaluated on the test set)."""
   seeds = num_fp_seeds(cfg)
   return [Run(f"fp_s{s}", (("method", "fp"), ("seed", str(s)), ("num_epochs", _fmt(cfg.fp_epochs)),
                           ("lr", _fmt(cfg.fp_lr)), ("drop_path", _fmt(cfg.fp_drop_path)),
@@ -99,17 +104,19 @@ def run_defaults(cfg) -> Dict[str, object]:
   return dict(base.items())
 
 
-def same_value(text: str, default: object) -> bool:
+def _canonical(v: object) -> object:
+  """A config value or its command-line text, in a form where equal settings compare equal."""
+  if isinstance(v, bool) or str(v).strip().lower() in ("true", "false"):
+    return str(v).strip().lower() == "true"
+  try:
+    return float(v)  # "5e-4" == "0.0005" == 5e-4
+  except (TypeError, ValueError):
+    return str(v)
+
+
+def same_value(text: object, default: object) -> bool:
   """Whether a sweep value (as written in the config string) is the run's default."""
-  if isinstance(default, bool):
-    return text.strip().lower() in ("true", "1") if default else text.strip().lower() in (
-        "false", "0")
-  if isinstance(default, (int, float)):
-    try:
-      return float(text) == float(default)
-    except ValueError:
-      return False
-  return text == str(default)
+  return _canonical(text) == _canonical(default)
 
 
 def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
@@ -118,18 +125,23 @@ def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
   A point at the run's default value is one shared run per (method, bits), named
   `..._default`, whatever field it belongs to: it is trained once.
   """
-  defaults = run_defaults(cfg)
+  base = run_defaults(cfg)
   out = []
   for field, method, bits, values in parse_sweeps(cfg.sweeps):
-    if field not in defaults:
+    if field not in base:
       raise ValueError(f"sweep field {field!r} is not a run config field; valid: "
-                       f"{sorted(defaults)}")
+                       f"{sorted(base)}")
+    # What the point trains with anyway: run config, the sweeps' centre, qat_run's settings.
+    centre = {k: _fmt(v) for k, v in cfg.get("sweep_centre", {}).items()}
+    defaults = {**base, **centre,
+                **dict(qat_run(cfg, workdir, method, bits, 0, "validation").overrides)}
     for v in values:
       if same_value(v, defaults[field]):
-        run = qat_run(cfg, workdir, method, bits, 0, "validation", (), tag="_default")
+        run = qat_run(cfg, workdir, method, bits, 0, "validation", tuple(centre.items()),
+                      tag="_default")
       else:
-        run = qat_run(cfg, workdir, method, bits, 0, "validation", ((field, v),),
-                      tag=f"_{field}{v}")
+        extra = tuple(item for item in centre.items() if item[0] != field) + ((field, v),)
+        run = qat_run(cfg, workdir, method, bits, 0, "validation", extra, tag=f"_{field}{v}")
       out.append((field, v, run))
   return out
 
@@ -144,12 +156,19 @@ def main_cells(cfg) -> List[Tuple[int, int]]:
   """
   seeds = parse_seeds(cfg.seeds)
   bits = [int(b) for b in cfg.bits.split(",")]
+  if 3 in bits:
+    raise ValueError(f"bits={cfg.bits!r}: W3A3 is set by seeds '3:n' and w3_methods, not bits")
+  if missing := [b for b in bits if b not in seeds]:
+    raise ValueError(f"bits {missing} have no seed count in seeds={cfg.seeds!r}")
   cells = [(b, s) for s in range(max(seeds[b] for b in bits)) for b in bits if s < seeds[b]]
   if 3 in seeds:
     cells += [(3, s) for s in range(seeds[3])]
   if cfg.get("main_order"):
-    order = [tuple(int(v) for v in item.split(":")) for item in cfg.main_order.split(",")]
-    if sorted(order) != sorted(cells):
+    try:
+      order = [tuple(int(v) for v in item.split(":")) for item in cfg.main_order.split(",")]
+    except ValueError:
+      order = None
+    if order is None or sorted(order) != sorted(cells):
       raise ValueError(f"main_order={cfg.main_order!r} must list each (bits:seed) cell once: "
                        f"{sorted(cells)}")
     cells = order
@@ -167,7 +186,12 @@ def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
   return runs
 
 
-def check_matches_plan(run: Run, wd: str) -> None:
+def run_settings(cfg, run: Run) -> Dict[str, object]:
+  """Every config override a run is started with: cfg.run, then the run's own overrides."""
+  return {**dict(cfg.run.items()), **dict(run.overrides)}
+
+
+def check_matches_plan(settings: Dict[str, object], wd: str) -> None:
   """Refuses to reuse (or resume) a run whose saved config.json disagrees with the plan.
 
   Run names do not encode the sweep winners, so after new sweep results a run of the same
@@ -179,8 +203,14 @@ def check_matches_plan(run: Run, wd: str) -> None:
     return
   with open(path) as f:
     saved = json.load(f)
-  for k, v in run.overrides:
-    if k in saved and not same_value(v, saved[k]):
+  for k, v in settings.items():
+    if k not in saved:
+      continue
+    if k == "init_from":
+      same = os.path.abspath(v) == os.path.abspath(str(saved[k]))
+    else:
+      same = same_value(v, saved[k])
+    if not same:
       raise ValueError(f"{wd} was run with {k}={saved[k]!r} but the plan asks {k}={v}; "
                        f"delete that run or use another --workdir")
 
@@ -192,16 +222,31 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
   run_missing=False only collects existing results; no run starts after the
   wall-clock time `deadline` (if > 0).
   """
+  unique: Dict[str, Run] = {}
+  for r in runs:  # a shared run is trained once; a name must always mean one setting
+    if unique.setdefault(r.name, r).overrides != r.overrides:
+      raise ValueError(f"run {r.name!r} is planned with two settings: "
+                       f"{unique[r.name].overrides} and {r.overrides}")
+  stale = set()
+  for r in unique.values():  # all checked before anything starts
+    try:
+      check_matches_plan(run_settings(cfg, r), os.path.join(workdir, r.name))
+    except ValueError as e:
+      if run_missing:
+        raise
+      print(f"skipped (settings differ from the plan): {e}", flush=True)
+      stale.add(r.name)
+
   def one(run: Run) -> Optional[dict]:
     wd = os.path.join(workdir, run.name)
     res = os.path.join(wd, "results.json")
-    check_matches_plan(run, wd)
+    if run.name in stale:
+      return None
     if not os.path.exists(res):
       if not run_missing or (deadline and time.time() > deadline):
         return None
       os.makedirs(wd, exist_ok=True)
-      overrides = [f"--config.{k}={v}" for k, v in cfg.run.items() if k not in dict(run.overrides)]
-      overrides += [f"--config.{k}={v}" for k, v in run.overrides]
+      overrides = [f"--config.{k}={v}" for k, v in run_settings(cfg, run).items()]
       cmd = [sys.executable, "-m", "experiments.run", f"--config={cfg.base_config}",
              f"--workdir={wd}", *overrides]
       t0 = time.time()
@@ -213,9 +258,8 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
         return None
     with open(res) as f:
       return {"run": run.name, **json.load(f)}
-  unique = list({r.name: r for r in runs}.values())  # a shared run is trained once
   with ThreadPoolExecutor(max(1, parallel)) as pool:
-    done = dict(zip((r.name for r in unique), pool.map(one, unique)))
+    done = dict(zip(unique, pool.map(one, unique.values())))
   return [done[r.name] for r in runs]
 
 

@@ -44,8 +44,16 @@ def test_cpu_plan_shares_one_fp_checkpoint_and_is_seed_major():
   # Without main_order: seed-major over cfg.bits, W3A3 last.
   cfg.main_order = ""
   assert sweep.main_cells(cfg) == [(2, 0), (4, 0), (2, 1), (4, 1), (2, 2), (3, 0), (3, 1)]
-  cfg.main_order = "2:0,4:0"
-  with pytest.raises(ValueError, match="each \\(bits:seed\\) cell once"):
+  for bad in ("2:0,4:0", "2-0"):
+    cfg.main_order = bad
+    with pytest.raises(ValueError, match="each \\(bits:seed\\) cell once"):
+      sweep.main_cells(cfg)
+  cfg.main_order = ""
+  cfg.bits = "4,3,2"  # W3A3 comes from seeds and w3_methods only: never twice
+  with pytest.raises(ValueError, match="W3A3 is set by seeds"):
+    sweep.main_cells(cfg)
+  cfg.bits = "8,2"
+  with pytest.raises(ValueError, match="bits \\[8\\] have no seed count"):
     sweep.main_cells(cfg)
 
 
@@ -120,5 +128,9 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
   (wd / "config.json").write_text(json.dumps(saved))
   assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False)[0]["top1"] == 0.8
   (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0}))
+  # Reporting skips it (and says so); running refuses before anything starts.
+  assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False) == [None]
   with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5"):
-    sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False)
+    sweep.execute([run], cfg, str(tmp_path), 1, run_missing=True)
+  assert sweep.same_value("5e-4", 0.0005) and sweep.same_value("True", True)
+  assert not sweep.same_value("False", True) and not sweep.same_value("a", "b")
