@@ -37,9 +37,12 @@ class QuantConfig:
   Attributes:
     w_quantizer / a_quantizer: one of QUANTIZERS for weights / input activations.
     w_bits / a_bits: bit-widths in [2, 16].
-    lam: PQ's λ (clip at μ ± λσ).
-    w_granularity / a_granularity: "channel" (per output channel) or "tensor".
+    lam: PQ's λ (clip at μ ± λσ); 2.5 won the W2A2 validation sweep (docs/METHOD.md).
+    w_granularity: "channel" (one range per output channel) or "tensor".
+    a_granularity: "channel" (one EMA range per input channel, the last axis) or "tensor".
     w_symmetric / a_symmetric: symmetric grid [-a, a] or asymmetric [lo, hi].
+      Granularity and symmetry apply to PQ and min-max; LSQ always learns one signed step
+      per tensor for weights and for activations, as in the LSQ paper.
     ema_momentum: momentum of the activation-range EMA used at evaluation.
     quantize_stem: quantize the stem convs after the first (the first stays FP).
     quantize_head: quantize the head's hidden layer and classifier.

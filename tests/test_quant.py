@@ -226,6 +226,11 @@ def test_quantizers_with_concrete_args_inside_an_outer_jit_trace():
   }
   for name, f in calls.items():
     np.testing.assert_allclose(jax.jit(f)(), f(), rtol=1e-6, atol=1e-6, err_msg=name)
+  # check_finite on a concrete x is an eager check even inside jit (no checkify needed).
+  jax.jit(lambda: q.check_finite(x, "x") or x)()
+  bad = x.at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="bad contains 1 non-finite"):
+    jax.jit(lambda: q.check_finite(bad, "bad") or bad)()
 
 # ----------------------------------------------------------------------------
 # Pauta ranges

@@ -126,20 +126,15 @@ def check_finite(x: ArrayLike, name: str = "x") -> None:
   x = jnp.asarray(x) if not _is_traced(x) else x
   if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
     return
-  count = None if _is_traced(x) else _count_nonfinite(x)
-  # A concrete x inside an outer jit trace still gives a traced count.
-  if count is None or _is_traced(count):
+  if _is_traced(x):
     checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
     return
-  bad = int(count)
+  # Counted on the host: a jitted count of a concrete x would still be traced when an
+  # outer jit closes over x.
+  bad = int(np.count_nonzero(~np.isfinite(np.asarray(x))))
   if bad:
     raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of "
                      f"{x.size}; quantizers need finite inputs")
-
-
-@jax.jit
-def _count_nonfinite(x: Array) -> Array:
-  return jnp.sum(~jnp.isfinite(x))
 
 
 def _as_float(x: ArrayLike, name: str = "x") -> Any:
