@@ -115,18 +115,23 @@ def synced_range(x: jax.Array, quantizer: str, lam: float, symmetric: bool,
   x = x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1)
   mn = jnp.min(x, axis=0)
   mx = jnp.max(x, axis=0)
-  mean = jnp.mean(x, axis=0)
-  msq = jnp.mean(x * x, axis=0)
   if axis_name is not None:
     mn, mx = jax.lax.pmin(mn, axis_name), jax.lax.pmax(mx, axis_name)
-    mean, msq = jax.lax.pmean(mean, axis_name), jax.lax.pmean(msq, axis_name)
   if quantizer == "minmax":
     if symmetric:
       a = jnp.maximum(-mn, mx)
       return -a, a
     return mn, mx
-  # E[x^2] - E[x]^2 rather than a centred second pass: one all-reduce of two moments.
-  std = jnp.sqrt(jnp.maximum(msq - mean * mean, 0.0))
+  mean = jnp.mean(x, axis=0)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  # Variance about the global mean (a second pass, a second all-reduce): E[x^2] - E[x]^2
+  # would lose most digits when |mean| >> std. Shards are equal-sized under pmap, so the
+  # mean of the per-device variances is the global one.
+  var = jnp.mean(jnp.square(x - mean), axis=0)
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  std = jnp.sqrt(var)
   if symmetric:
     a = jnp.minimum(jnp.abs(mean) + lam * std, jnp.maximum(-mn, mx))
     return -a, a
