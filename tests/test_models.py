@@ -22,8 +22,6 @@ from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, count_params, rela
 SLOW = pytest.mark.slow
 
 
-
-
 def _images(name, batch=2, seed=0):
   return np.random.default_rng(seed).standard_normal((batch,) + input_shape(name)).astype(
       np.float32)
@@ -103,7 +101,7 @@ def test_registry_names_and_errors():
   assert set(INPUT_SHAPES) == set(MODELS)  # every variant has a known input size
   assert input_shape("vig_ti_224") == input_shape("pvig_b_224") == (224, 224, 3)
   assert input_shape("vig_ti_32") == (32, 32, 3) and input_shape("vig_digits") == (8, 8, 1)
-  with pytest.raises(ValueError, match="unknown model 'vig_huge'"):
+  with pytest.raises(ValueError, match="unknown model: 'vig_huge'"):
     input_shape("vig_huge")
   model = create_model("pvig_ti_224", 10, QuantConfig.from_method("pq", 4, 4), axis_name="batch")
   assert isinstance(model, PyramidViG) and model.num_classes == 10

@@ -211,7 +211,6 @@ def test_lsq_init_step_and_range():
                              atol=1e-6)
 
 
-
 def test_quantizers_with_concrete_args_inside_an_outer_jit_trace():
   """Closed-over concrete arrays inside jit give traced check flags: no crash, same values."""
   x = jnp.float32(np.random.default_rng(5).standard_normal((8, 3)))

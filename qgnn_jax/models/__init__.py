@@ -50,7 +50,8 @@ INPUT_SHAPES: Dict[str, Tuple[int, int, int]] = {
 def input_shape(name: str) -> Tuple[int, int, int]:
   """(H, W, C) of one input image of a registered model (NHWC batches add B in front)."""
   if name not in INPUT_SHAPES:
-    raise ValueError(f"unknown model {name!r}; valid: {sorted(INPUT_SHAPES)}")
+    what = "has no input size" if name in MODELS else "unknown model"
+    raise ValueError(f"{what}: {name!r}; valid: {sorted(INPUT_SHAPES)}")
   return INPUT_SHAPES[name]
 
 
