@@ -126,13 +126,13 @@ def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
   `..._default`, whatever field it belongs to: it is trained once.
   """
   base = run_defaults(cfg)
+  centre = {k: _fmt(v) for k, v in cfg.get("sweep_centre", {}).items()}
   out = []
   for field, method, bits, values in parse_sweeps(cfg.sweeps):
     if field not in base:
       raise ValueError(f"sweep field {field!r} is not a run config field; valid: "
                        f"{sorted(base)}")
     # What the point trains with anyway: run config, the sweeps' centre, qat_run's settings.
-    centre = {k: _fmt(v) for k, v in cfg.get("sweep_centre", {}).items()}
     defaults = {**base, **centre,
                 **dict(qat_run(cfg, workdir, method, bits, 0, "validation").overrides)}
     for v in values:
@@ -306,12 +306,18 @@ def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
     w.writerows(rows)
 
 
-def summarize(results: Sequence[dict], fp_results: Sequence[dict],
-              overhead: Optional[Dict[str, float]] = None) -> str:
-  """Markdown mean ± std top-1 (%) per method x bits, plus FP and the overhead column."""
+def top1_cells(results: Sequence[dict]) -> Dict[Tuple[str, int], List[float]]:
+  """(method, bits) -> test top-1 (%) of each seed."""
   cells: Dict[Tuple[str, int], List[float]] = {}
   for r in results:
     cells.setdefault((r["method"], r["w_bits"]), []).append(100 * r["top1"])
+  return cells
+
+
+def summarize(results: Sequence[dict], fp_results: Sequence[dict],
+              overhead: Optional[Dict[str, float]] = None) -> str:
+  """Markdown mean ± std top-1 (%) per method x bits, plus FP and the overhead column."""
+  cells = top1_cells(results)
   bits = sorted({b for _, b in cells}, reverse=True)
   methods = list(dict.fromkeys(r["method"] for r in results))
   head = "| method | " + " | ".join(f"W{b}A{b}" for b in bits) + " | step time vs pq |"
@@ -349,9 +355,7 @@ def summarize_claims(results: Sequence[dict], fp_results: Sequence[dict]) -> str
   "more than one standard deviation"); "gain < 1 std" = positive but within noise; "no" =
   not positive. Cells with < 2 seeds say so. Also the gap of pq+aqd+sqd to FP.
   """
-  cells: Dict[Tuple[str, int], List[float]] = {}
-  for r in results:
-    cells.setdefault((r["method"], r["w_bits"]), []).append(100 * r["top1"])
+  cells = top1_cells(results)
   bits = sorted({b for _, b in cells}, reverse=True)
   lines = ["| claim | " + " | ".join(f"W{b}A{b}" for b in bits) + " |",
            "|---|" + "---|" * len(bits)]
@@ -386,14 +390,10 @@ def plot(results: Sequence[dict], fp_results: Sequence[dict], path: str) -> None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  methods = list(dict.fromkeys(r["method"] for r in results))
-  for method in methods:
-    pts = {}
-    for r in results:
-      if r["method"] == method:
-        pts.setdefault(r["w_bits"], []).append(100 * r["top1"])
-    bits = sorted(pts)
-    ms = [mean_std(pts[b]) for b in bits]
+  cells = top1_cells(results)
+  for method in dict.fromkeys(r["method"] for r in results):
+    bits = sorted(b for m, b in cells if m == method)
+    ms = [mean_std(cells[method, b]) for b in bits]
     ax.errorbar(bits, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
                 label=method)
   if fp_results:
