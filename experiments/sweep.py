@@ -34,6 +34,9 @@ flags.DEFINE_string("phases", "fp,sweep,main,report",
                     "Phases to run, in order; 'report' alone rebuilds the outputs from "
                     "the results.json files already there.")
 flags.DEFINE_float("deadline_s", 0.0, "If > 0, start no new run after this many seconds.")
+flags.DEFINE_bool("rerun_stale", False,
+                  "Rerun a run whose saved settings differ from the plan (new sweep winners), "
+                  "moving the old one to WORKDIR/stale/; without it the sweep refuses.")
 
 CSV_FIELDS = ("run", "dataset", "model", "method", "w_bits", "a_bits", "seed", "top1", "fp_top1",
               "train_steps", "train_seconds", "params", "model_bytes_fp32",
@@ -175,13 +178,25 @@ def main_cells(cfg) -> List[Tuple[int, int]]:
   return cells
 
 
+def winner_applies(cfg, field: str, method: str) -> bool:
+  """Whether a sweep winner for `field` is a setting of `method`.
+
+  A field swept with method M (e.g. aqd_alpha with pq+aqd) belongs to every method that has
+  all of M's parts (pq+aqd, pq+aqd+sqd), not to the others: a minmax run is not redone
+  because AQD's alpha changed.
+  """
+  parts = set(method.split("+"))
+  return any(f == field and set(m.split("+")) <= parts
+             for f, m, _, _ in parse_sweeps(cfg.sweeps))
+
+
 def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
-  """The main table's runs, in main_cells order, with the sweep winners applied."""
+  """The main table's runs, in main_cells order, each with the sweep winners it uses."""
   runs = []
   for bits, s in main_cells(cfg):
     methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
     for method in methods:
-      extra = tuple((k, v) for k, v in winners.items() if k != "quant_lr" or method == "lsq")
+      extra = tuple((k, v) for k, v in winners.items() if winner_applies(cfg, k, method))
       runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 
@@ -215,12 +230,24 @@ def check_matches_plan(settings: Dict[str, object], wd: str) -> None:
                        f"delete that run or use another --workdir")
 
 
+def set_aside(workdir: str, name: str) -> str:
+  """Moves run `name` to workdir/stale/ (never overwriting an earlier one); returns where."""
+  dest = os.path.join(workdir, "stale", name)
+  n = 1
+  while os.path.exists(dest):
+    dest, n = os.path.join(workdir, "stale", f"{name}.{n}"), n + 1
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  os.rename(os.path.join(workdir, name), dest)
+  return dest
+
+
 def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: bool = True,
-            deadline: float = 0.0) -> List[Optional[dict]]:
+            deadline: float = 0.0, rerun_stale: bool = False) -> List[Optional[dict]]:
   """Runs what is missing (parallel subprocesses); returns each run's results (or None).
 
   run_missing=False only collects existing results; no run starts after the
-  wall-clock time `deadline` (if > 0).
+  wall-clock time `deadline` (if > 0). A run whose saved settings differ from the plan
+  is refused (ValueError), or with rerun_stale moved to workdir/stale/ and run again.
   """
   unique: Dict[str, Run] = {}
   for r in runs:  # a shared run is trained once; a name must always mean one setting
@@ -232,6 +259,10 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
     try:
       check_matches_plan(run_settings(cfg, r), os.path.join(workdir, r.name))
     except ValueError as e:
+      if run_missing and rerun_stale:
+        print(f"rerunning (settings differ from the plan; old run moved to "
+              f"{set_aside(workdir, r.name)}): {e}", flush=True)
+        continue
       if run_missing:
         raise
       print(f"skipped (settings differ from the plan): {e}", flush=True)
@@ -427,7 +458,8 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   os.makedirs(out, exist_ok=True)
   deadline = time.time() + flags.FLAGS.deadline_s if flags.FLAGS.deadline_s > 0 else 0.0
-  run = lambda runs, phase: execute(runs, cfg, workdir, parallel, phase in phases, deadline)
+  run = lambda runs, phase: execute(runs, cfg, workdir, parallel, phase in phases, deadline,
+                                   flags.FLAGS.rerun_stale)
   fp_res = run(fp_runs(cfg), "fp")
   points = sweep_runs(cfg, workdir)
   res = run([r for _, _, r in points], "sweep")

@@ -26,6 +26,17 @@ def test_plan_covers_protocol():
   assert by_name["pq_w4a4_s1"]["init_from"] == "/w/fp_s1"
   assert by_name["pq_w4a4_s1"]["lam"] == "2.5" and "quant_lr" not in by_name["pq_w4a4_s1"]
   assert by_name["lsq_w2a2_s0"]["quant_lr"] == "2e-3"
+  # A winner belongs to the methods that have the swept method's parts, and no others.
+  runs = sweep.main_runs(cfg, "/w", {"lam": "2.5", "quant_lr": "2e-3", "aqd_alpha": "0.3",
+                                     "sqd_p": "0.25"})
+  settings = {r.name: dict(r.overrides) for r in runs}
+  used = {m: {k for k in ("lam", "quant_lr", "aqd_alpha", "sqd_p") if k in settings[m]}
+          for m in ("minmax_w2a2_s0", "lsq_w2a2_s0", "pq_w2a2_s0", "pq_aqd_w2a2_s0",
+                    "pq_sqd_w2a2_s0", "pq_aqd_sqd_w2a2_s0")}
+  assert used == {"minmax_w2a2_s0": set(), "lsq_w2a2_s0": {"quant_lr"},
+                  "pq_w2a2_s0": {"lam"}, "pq_aqd_w2a2_s0": {"lam", "aqd_alpha"},
+                  "pq_sqd_w2a2_s0": {"lam", "sqd_p"},
+                  "pq_aqd_sqd_w2a2_s0": {"lam", "aqd_alpha", "sqd_p"}}
   assert all(dict(r.overrides)["eval_on"] == "test" for r in runs)
   points = sweep.sweep_runs(cfg, "/w")
   assert all(dict(r.overrides)["eval_on"] == "validation" for _, _, r in points)
@@ -132,5 +143,13 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
   assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False) == [None]
   with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5"):
     sweep.execute([run], cfg, str(tmp_path), 1, run_missing=True)
+  # rerun_stale keeps the old run aside (never overwriting one kept before) and reruns it;
+  # past the deadline nothing starts, so here it only moves.
+  for n, kept in enumerate(("pq_w2a2_s0", "pq_w2a2_s0.1")):
+    os.makedirs(wd, exist_ok=True)
+    (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0 + n}))
+    assert sweep.execute([run], cfg, str(tmp_path), 1, deadline=1.0, rerun_stale=True) == [None]
+    assert not wd.exists()
+    assert json.loads((tmp_path / "stale" / kept / "config.json").read_text())["lam"] == 3.0 + n
   assert sweep.same_value("5e-4", 0.0005) and sweep.same_value("True", True)
   assert not sweep.same_value("False", True) and not sweep.same_value("a", "b")

@@ -49,8 +49,8 @@ def get_config():
   # One-factor sweeps around SPEC's starting point: field:method:bits:values
   c.sweeps = ";".join([
       "lam:pq:4:2,2.5,3,4", "lam:pq:2:2,2.5,3,4", "w_symmetric:pq:2:True,False",
-      "aqd_alpha:pq+aqd:2:0.3,1,3", "aqd_tau:pq+aqd:2:0.5,1,2",
-      "sqd_beta:pq+sqd:2:0.3,1,3", "sqd_p:pq+sqd:2:0.25,0.5,0.75",
+      "aqd_alpha:pq+aqd:2:0.1,0.3,1,3", "aqd_tau:pq+aqd:2:0.5,1,2",
+      "sqd_beta:pq+sqd:2:0.1,0.3,1,3", "sqd_p:pq+sqd:2:0.25,0.5,0.75",
       "sqd_temperature:pq+sqd:2:1,2,4",
       "quant_lr:lsq:4:2e-5,2e-4,2e-3", "quant_lr:lsq:2:2e-5,2e-4,2e-3",
   ])

@@ -9,7 +9,8 @@ table -> ablation.csv, sweeps.csv, summary.md, accuracy_vs_bits.png), resumable,
   - one FP checkpoint (5 epochs) shared by every QAT seed (fp_seeds = 1);
   - QAT fine-tunes of 0.25 epoch (107 steps at batch 128);
   - W2A2 first (where the methods differ): main_order puts its seeds 0, 1 first;
-  - the sweeps that decide fairness first: PQ's lambda and LSQ's step lr at W2A2.
+  - the sweeps that decide fairness first: PQ's lambda and LSQ's step lr at W2A2; then the
+    distillation weights, without the base config's largest (3).
 --parallel 2 overlaps one run's single-threaded compile with the other's training.
 Measured results (and what this protocol cannot show): README, "Ablation".
 """
@@ -36,6 +37,12 @@ def get_config():
       "lam:pq:2:2,2.5,3,4",
       # At 2 bits a symmetric weight grid has 3 levels (codes -1, 0, 1), an asymmetric one 4.
       "w_symmetric:pq:2:True,False",
+      # The distillation terms (added in a later session; the three above were already run).
+      # The largest weights of the base config are left out: at 1 both terms already cost
+      # accuracy here (README, "Ablation").
+      "aqd_alpha:pq+aqd:2:0.1,0.3,1", "aqd_tau:pq+aqd:2:0.5,1,2",
+      "sqd_beta:pq+sqd:2:0.1,0.3,1", "sqd_p:pq+sqd:2:0.25,0.5,0.75",
+      "sqd_temperature:pq+sqd:2:1,2,4",
   ])
   # The overhead column: median train-step time / pq's, all methods in one interleaved run:
   #   python -m experiments.bench --model vig_tiny_28 --batch 128 --nograph_share \
