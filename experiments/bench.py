@@ -156,8 +156,7 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   from tqdm.auto import tqdm
   from qgnn_jax import train as train_lib
   from qgnn_jax.layers import QuantConfig
-  from qgnn_jax.models import create_model, forward_flops, input_shape
-  from qgnn_jax.models.pvig import count_params
+  from qgnn_jax.models import count_params, create_model, forward_flops, input_shape
 
   methods = list(methods)
   bad = [m for m in methods if m not in METHODS]

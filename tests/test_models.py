@@ -14,9 +14,10 @@ import pytest
 
 from helpers import host_variables
 from qgnn_jax.layers import QuantConfig
-from qgnn_jax.models import INPUT_SHAPES, MODELS, create_model, forward_flops, input_shape
+from qgnn_jax.models import (INPUT_SHAPES, MODELS, count_params, create_model, forward_flops,
+                             input_shape)
 from qgnn_jax.models.vig import ViG
-from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, count_params, relative_pos_bias,
+from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, relative_pos_bias,
                                   relative_pos_entries)
 
 SLOW = pytest.mark.slow

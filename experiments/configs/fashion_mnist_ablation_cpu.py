@@ -27,7 +27,6 @@ def get_config():
   c.fp_epochs = 5.0
   c.fp_drop_path = 0.0
   c.qat_epochs = 0.25
-  c.qat_lr = 5e-4
   c.qat_warmup_epochs = 0.05
   c.bits = "2,4"                          # seeds per bit-width: the base config's
   # W2A2's second seed before W4A4's first: the targets that decide the claims are at W2A2.

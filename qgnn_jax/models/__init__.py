@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -63,6 +64,11 @@ def create_model(name: str, num_classes: int, quant_config: Optional[QuantConfig
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
   return MODELS[name](num_classes=num_classes, cfg=quant_config or FP, **kwargs)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
 def forward_flops(model: nn.Module, image_shape: Tuple[int, int, int], batch: int = 1,

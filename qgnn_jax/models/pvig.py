@@ -12,7 +12,7 @@ Architecture (as the official `vig_pytorch/pyramid_vig.py`):
   min(i // 4 + 1, M_last // k), M_last = nodes of the last stage (49 at 224 px).
   head: global mean -> 1x1 conv C3 -> 1024 + BN + GELU + dropout -> 1x1 conv -> classes.
 
-Parameter count, 1000 classes (`count_params`):
+Parameter count, 1000 classes (`qgnn_jax.models.count_params`):
 
   | model       | ours (params) | official trainable | official all nn.Parameters |
   |-------------|---------------|--------------------|----------------------------|
@@ -24,9 +24,9 @@ Parameter count, 1000 classes (`count_params`):
 The official code stores every Grapher's relative-position table as an
 `nn.Parameter(requires_grad=False)` (1,771,938 numbers in pvig_ti); here it is a
 constant computed from the grid (never trained, never checkpointed), so
-`params` holds exactly the official trainable parameters, and
-`count_params(..., include_relative_pos=True)` adds the tables back to give the
-official `sum(p.numel() for p in model.parameters())`. BN running statistics
+`params` holds exactly the official trainable parameters, and adding
+`relative_pos_entries(model, image_size)` gives the official
+`sum(p.numel() for p in model.parameters())`. BN running statistics
 are in `batch_stats`, not counted (as PyTorch's buffers).
 """
 from __future__ import annotations
@@ -251,11 +251,6 @@ def relative_pos_entries(model: PyramidViG, image_size: Tuple[int, int]) -> int:
       h, w = (h + 1) // 2, (w + 1) // 2
     total += nb * (h * w) * ((h // r) * (w // r))
   return total
-
-
-def count_params(params: Any) -> int:
-  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
 _PYRAMID_ARCHS: Dict[str, Dict[str, Tuple[int, ...]]] = {
