@@ -285,8 +285,11 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
       print(f"[{time.strftime('%H:%M:%S')}] {run.name}: rc={rc} ({time.time() - t0:.0f} s)",
             flush=True)
-      if rc != 0 or not os.path.exists(res):
+      if not os.path.exists(res):
         return None
+      if rc != 0:  # seen on a GPU: an abort at interpreter exit, after every output was saved
+        print(f"{run.name}: exit status {rc} after its results.json was written; kept",
+              flush=True)
     with open(res) as f:
       return {"run": run.name, **json.load(f)}
   with ThreadPoolExecutor(max(1, parallel)) as pool:

@@ -153,3 +153,16 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
     assert json.loads((tmp_path / "stale" / kept / "config.json").read_text())["lam"] == 3.0 + n
   assert sweep.same_value("5e-4", 0.0005) and sweep.same_value("True", True)
   assert not sweep.same_value("False", True) and not sweep.same_value("a", "b")
+
+
+@pytest.mark.parametrize("module", [fashion_mnist_ablation, fashion_mnist_ablation_cpu])
+def test_sweep_plan_does_not_move_with_code_defaults(module, monkeypatch):
+  """Every swept field is pinned by sweep_centre, so making a winner the code default
+  neither renames a sweep point nor changes what its `_default` run trains with."""
+  cfg = module.get_config()
+  assert {f for f, _, _, _ in sweep.parse_sweeps(cfg.sweeps)} <= set(cfg.sweep_centre)
+  before = [(f, v, r) for f, v, r in sweep.sweep_runs(cfg, "/w")]
+  defaults = sweep.run_defaults(cfg)
+  moved = {**defaults, "aqd_alpha": 0.1, "sqd_p": 0.25, "lam": 2.0, "w_symmetric": False}
+  monkeypatch.setattr(sweep, "run_defaults", lambda c: moved)
+  assert sweep.sweep_runs(cfg, "/w") == before

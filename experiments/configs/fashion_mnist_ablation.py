@@ -59,9 +59,12 @@ def get_config():
       "sqd_temperature:pq+sqd:2:1,2,4",
       "quant_lr:lsq:2:5e-5,5e-4,5e-3",
   ])
-  # The sweeps' centre: SPEC's starting point, pinned so that sweep runs (and which point is
-  # the shared "_default" run) do not move when code defaults do. Main runs use the winners.
-  c.sweep_centre = ml_collections.ConfigDict({"lam": 3.0, "w_symmetric": True, "quant_lr": -1.0})
+  # The sweeps' centre: SPEC's starting point for every swept field, pinned so that sweep
+  # runs (and which point is the shared "_default" run) do not move when code defaults become
+  # the winners. Main runs use the winners.
+  c.sweep_centre = ml_collections.ConfigDict({
+      "lam": 3.0, "w_symmetric": True, "quant_lr": -1.0, "aqd_alpha": 1.0, "aqd_tau": 1.0,
+      "sqd_beta": 1.0, "sqd_p": 0.5, "sqd_temperature": 1.0})
   # bench --json output for the overhead column (H200, batch 256, fp / pq / pq+aqd+sqd)
   c.bench_json = "experiments/results/bench/bench_gpu_vig_small_28.json"
   return c
