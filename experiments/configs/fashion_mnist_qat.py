@@ -19,7 +19,7 @@ def get_config():
   c.batch_size = 128
   c.num_epochs = 2.0
   c.lr = 5e-4
-  c.quant_lr = 5e-3          # LSQ's step lr: 10x lr won the W2A2 validation sweep
+  c.quant_lr = 5e-5          # LSQ's step lr: 0.1x lr won the GPU ablation's W2A2 sweep (flat)
   c.warmup_epochs = 0.1
   c.init_from = ""
   c.log_every = 50
