@@ -226,8 +226,7 @@ def check_matches_plan(settings: Dict[str, object], wd: str) -> None:
     else:
       same = same_value(v, saved[k])
     if not same:
-      raise ValueError(f"{wd} was run with {k}={saved[k]!r} but the plan asks {k}={v}; "
-                       f"delete that run or use another --workdir")
+      raise ValueError(f"{wd} was run with {k}={saved[k]!r} but the plan asks {k}={v}")
 
 
 def set_aside(workdir: str, name: str) -> str:
@@ -264,7 +263,8 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
               f"{set_aside(workdir, r.name)}): {e}", flush=True)
         continue
       if run_missing:
-        raise
+        raise ValueError(f"{e}; delete that run, use another --workdir or pass "
+                         f"--rerun_stale") from None
       print(f"skipped (settings differ from the plan): {e}", flush=True)
       stale.add(r.name)
 

@@ -141,7 +141,7 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
   (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0}))
   # Reporting skips it (and says so); running refuses before anything starts.
   assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False) == [None]
-  with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5"):
+  with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5; .*--rerun_stale"):
     sweep.execute([run], cfg, str(tmp_path), 1, run_missing=True)
   # rerun_stale keeps the old run aside (never overwriting one kept before) and reruns it;
   # past the deadline nothing starts, so here it only moves.
