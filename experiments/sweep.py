@@ -178,14 +178,22 @@ def main_cells(cfg) -> List[Tuple[int, int]]:
   return cells
 
 
+# Grid fields are read by both range quantizers: a winner found with pq also sets min-max's
+# grid, so that claim (1) compares range estimators on one grid. LSQ has its own signed grid.
+GRID_FIELDS = frozenset({"w_symmetric", "a_symmetric", "w_granularity", "a_granularity"})
+RANGE_QUANTIZERS = frozenset({"minmax", "pq"})
+
+
 def winner_applies(cfg, field: str, method: str) -> bool:
   """Whether a sweep winner for `field` is a setting of `method`.
 
   A field swept with method M (e.g. aqd_alpha with pq+aqd) belongs to every method that has
   all of M's parts (pq+aqd, pq+aqd+sqd), not to the others: a minmax run is not redone
-  because AQD's alpha changed.
+  because AQD's alpha changed. Grid fields (GRID_FIELDS) count min-max and pq as one part.
   """
   parts = set(method.split("+"))
+  if field in GRID_FIELDS and parts & RANGE_QUANTIZERS:
+    parts |= RANGE_QUANTIZERS
   return any(f == field and set(m.split("+")) <= parts
              for f, m, _, _ in parse_sweeps(cfg.sweeps))
 
@@ -210,12 +218,17 @@ def check_matches_plan(settings: Dict[str, object], wd: str) -> None:
   """Refuses to reuse (or resume) a run whose saved config.json disagrees with the plan.
 
   Run names do not encode the sweep winners, so after new sweep results a run of the same
-  name can mean other settings: reusing it silently would mix settings in one table.
-  Raises ValueError naming the field, the saved and the planned value.
+  name can mean other settings: reusing it silently would mix settings in one table. Nor
+  may a fine-tune outlive its FP checkpoint: if the init_from run finished after this run
+  started (it was retrained), the run is refused too. Raises ValueError saying why.
   """
   path = os.path.join(wd, "config.json")
   if not os.path.exists(path):
     return
+  init = settings.get("init_from")
+  fp_res = os.path.join(str(init), "results.json") if init else ""
+  if fp_res and os.path.exists(fp_res) and os.path.getmtime(fp_res) > os.path.getmtime(path):
+    raise ValueError(f"{wd} was fine-tuned from an earlier {init} (retrained since)")
   with open(path) as f:
     saved = json.load(f)
   for k, v in settings.items():
@@ -253,14 +266,13 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
     if unique.setdefault(r.name, r).overrides != r.overrides:
       raise ValueError(f"run {r.name!r} is planned with two settings: "
                        f"{unique[r.name].overrides} and {r.overrides}")
-  stale = set()
+  stale, rerun = set(), {}
   for r in unique.values():  # all checked before anything starts
     try:
       check_matches_plan(run_settings(cfg, r), os.path.join(workdir, r.name))
     except ValueError as e:
       if run_missing and rerun_stale:
-        print(f"rerunning (settings differ from the plan; old run moved to "
-              f"{set_aside(workdir, r.name)}): {e}", flush=True)
+        rerun[r.name] = str(e)  # set aside when (and only if) it is about to start again
         continue
       if run_missing:
         raise ValueError(f"{e}; delete that run, use another --workdir or pass "
@@ -273,9 +285,12 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
     res = os.path.join(wd, "results.json")
     if run.name in stale:
       return None
-    if not os.path.exists(res):
+    if run.name in rerun or not os.path.exists(res):
       if not run_missing or (deadline and time.time() > deadline):
         return None
+      if run.name in rerun:
+        print(f"rerunning {run.name} ({rerun[run.name]}); the old run is now "
+              f"{set_aside(workdir, run.name)}", flush=True)
       os.makedirs(wd, exist_ok=True)
       overrides = [f"--config.{k}={v}" for k, v in run_settings(cfg, run).items()]
       cmd = [sys.executable, "-m", "experiments.run", f"--config={cfg.base_config}",
@@ -290,8 +305,12 @@ def execute(runs: Sequence[Run], cfg, workdir: str, parallel: int, run_missing: 
       if rc != 0:  # seen on a GPU: an abort at interpreter exit, after every output was saved
         print(f"{run.name}: exit status {rc} after its results.json was written; kept",
               flush=True)
-    with open(res) as f:
-      return {"run": run.name, **json.load(f)}
+    try:
+      with open(res) as f:
+        return {"run": run.name, **json.load(f)}
+    except json.JSONDecodeError as e:  # e.g. cut off mid-write by an older experiments.run
+      print(f"{run.name}: unreadable {res} ({e}); counted as missing", flush=True)
+      return None
   with ThreadPoolExecutor(max(1, parallel)) as pool:
     done = dict(zip(unique, pool.map(one, unique.values())))
   return [done[r.name] for r in runs]
@@ -475,6 +494,9 @@ def main(argv):
     with open(os.path.join(out, "sweeps.md"), "w") as f:
       f.write(summarize_sweeps(rows, winners) + "\n")
   print("winners:", winners, flush=True)
+  if unswept := {f for f, _, _, _ in parse_sweeps(cfg.sweeps)} - set(winners):
+    print(f"no sweep results for {sorted(unswept)}: main runs use the code defaults there",
+          flush=True)
   main_res = run(main_runs(cfg, workdir, winners), "main")
   if "report" in phases:
     done = [r for r in main_res if r]

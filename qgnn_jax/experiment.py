@@ -299,8 +299,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       "seed": int(config.seed), "top1": float(ev["top1"]),
       "fp_top1": None if fp_top1 is None else float(fp_top1),
       "train_steps": int(total_steps), "train_seconds": float(seconds), **sizes}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  # Written whole or not at all: its presence marks the run as done (experiments.sweep).
+  tmp = os.path.join(workdir, "results.json.tmp")
+  with open(tmp, "w") as f:
     json.dump(results, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, "results.json"))
   return results
 
 

@@ -37,6 +37,11 @@ def test_plan_covers_protocol():
                   "pq_w2a2_s0": {"lam"}, "pq_aqd_w2a2_s0": {"lam", "aqd_alpha"},
                   "pq_sqd_w2a2_s0": {"lam", "sqd_p"},
                   "pq_aqd_sqd_w2a2_s0": {"lam", "aqd_alpha", "sqd_p"}}
+  # A grid winner found with pq sets min-max's grid too (claim (1) on one grid), not LSQ's.
+  runs = sweep.main_runs(cfg, "/w", {"w_symmetric": "False"})
+  grid = {r.name: dict(r.overrides).get("w_symmetric") for r in runs}
+  assert grid["minmax_w2a2_s0"] == grid["pq_aqd_sqd_w2a2_s0"] == "False"
+  assert grid["lsq_w2a2_s0"] is None
   assert all(dict(r.overrides)["eval_on"] == "test" for r in runs)
   points = sweep.sweep_runs(cfg, "/w")
   assert all(dict(r.overrides)["eval_on"] == "validation" for _, _, r in points)
@@ -127,7 +132,7 @@ def test_claims_table_verdicts():
   assert table[-1] == "| pq+aqd+sqd minus FP (target > -0.5 at W4A4) | -5.00 |"
 
 
-def test_existing_run_with_other_settings_is_refused(tmp_path):
+def test_existing_run_with_other_settings_is_refused(tmp_path, monkeypatch):
   cfg = fashion_mnist_ablation_cpu.get_config()
   run = sweep.main_runs(cfg, str(tmp_path), {"lam": "2.5"})[2]
   assert run.name == "pq_w2a2_s0"
@@ -143,14 +148,35 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
   assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False) == [None]
   with pytest.raises(ValueError, match="lam=3.0 but the plan asks lam=2.5; .*--rerun_stale"):
     sweep.execute([run], cfg, str(tmp_path), 1, run_missing=True)
-  # rerun_stale keeps the old run aside (never overwriting one kept before) and reruns it;
-  # past the deadline nothing starts, so here it only moves.
+  # rerun_stale: past the deadline the run is neither started nor moved ...
+  (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0}))
+  assert sweep.execute([run], cfg, str(tmp_path), 1, deadline=1.0, rerun_stale=True) == [None]
+  assert json.loads((wd / "config.json").read_text())["lam"] == 3.0
+  # ... otherwise the old run is kept aside (never overwriting one kept before) and rerun.
+  def fake_run(cmd, **kw):
+    d = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    with open(os.path.join(d, "config.json"), "w") as f:
+      json.dump({**saved, "lam": 2.5}, f)
+    with open(os.path.join(d, "results.json"), "w") as f:
+      json.dump({"method": "pq", "w_bits": 2, "top1": 0.9}, f)
+    return 0
+  monkeypatch.setattr(sweep.subprocess, "call", fake_run)
   for n, kept in enumerate(("pq_w2a2_s0", "pq_w2a2_s0.1")):
-    os.makedirs(wd, exist_ok=True)
     (wd / "config.json").write_text(json.dumps({**saved, "lam": 3.0 + n}))
-    assert sweep.execute([run], cfg, str(tmp_path), 1, deadline=1.0, rerun_stale=True) == [None]
-    assert not wd.exists()
+    assert sweep.execute([run], cfg, str(tmp_path), 1, rerun_stale=True)[0]["top1"] == 0.9
     assert json.loads((tmp_path / "stale" / kept / "config.json").read_text())["lam"] == 3.0 + n
+  assert sweep.execute([run], cfg, str(tmp_path), 1)[0]["top1"] == 0.9  # now it matches
+  # A fine-tune is refused once its FP checkpoint has been retrained after it started.
+  fp = tmp_path / "fp_s0"
+  os.makedirs(fp)
+  (fp / "results.json").write_text("{}")
+  os.utime(fp / "results.json", (os.path.getmtime(wd / "config.json") + 10,) * 2)
+  with pytest.raises(ValueError, match="fine-tuned from an earlier .*fp_s0"):
+    sweep.execute([run], cfg, str(tmp_path), 1)
+  # A results.json that cannot be parsed counts as missing (reporting does not crash).
+  os.utime(fp / "results.json", (os.path.getmtime(wd / "config.json") - 10,) * 2)
+  (wd / "results.json").write_text('{"top1": 0.')
+  assert sweep.execute([run], cfg, str(tmp_path), 1, run_missing=False) == [None]
   assert sweep.same_value("5e-4", 0.0005) and sweep.same_value("True", True)
   assert not sweep.same_value("False", True) and not sweep.same_value("a", "b")
 

@@ -8,7 +8,7 @@ every run of a phase trains at once:
 
 Phases (each run is `python -m experiments.run`, skipped when its results.json exists):
   1. FP pretraining, one per seed (55,000 train images; 5,000 held out): vig_small_28,
-     20 epochs (92.31 +- 0.22 % test top-1 over 3 seeds, README).
+     20 epochs (92.10 +- 0.19 % test top-1 over 3 seeds on an H200, README).
   2. One-factor sweeps on the 5,000 validation images (W2A2, seed 0): PQ's lambda and grid
      symmetry, AQD's alpha and tau, SQD's beta, p and T, LSQ's step learning rate.
   3. Main table on the 10,000 test images with the sweep winners: every method at
