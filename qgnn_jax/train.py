@@ -221,7 +221,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   (_, (metrics, new_model_state)), grads = grad_fn(
       state.params, state, batch, *_step_rngs(state), model, loss_cfg, num_classes)
   grads = jax.lax.pmean(grads, AXIS)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # BN running stats are computed from pmean-ed batch moments (BatchNorm's
