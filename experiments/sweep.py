@@ -184,8 +184,8 @@ GRID_FIELDS = frozenset({"w_symmetric", "a_symmetric", "w_granularity", "a_granu
 RANGE_QUANTIZERS = frozenset({"minmax", "pq"})
 
 
-def winner_applies(cfg, field: str, method: str) -> bool:
-  """Whether a sweep winner for `field` is a setting of `method`.
+def winner_applies(swept: Sequence[Tuple[str, str]], field: str, method: str) -> bool:
+  """Whether a sweep winner for `field` is a setting of `method`; swept: (field, method) pairs.
 
   A field swept with method M (e.g. aqd_alpha with pq+aqd) belongs to every method that has
   all of M's parts (pq+aqd, pq+aqd+sqd), not to the others: a minmax run is not redone
@@ -194,17 +194,17 @@ def winner_applies(cfg, field: str, method: str) -> bool:
   parts = set(method.split("+"))
   if field in GRID_FIELDS and parts & RANGE_QUANTIZERS:
     parts |= RANGE_QUANTIZERS
-  return any(f == field and set(m.split("+")) <= parts
-             for f, m, _, _ in parse_sweeps(cfg.sweeps))
+  return any(f == field and set(m.split("+")) <= parts for f, m in swept)
 
 
 def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
   """The main table's runs, in main_cells order, each with the sweep winners it uses."""
+  swept = [(f, m) for f, m, _, _ in parse_sweeps(cfg.sweeps)]
   runs = []
   for bits, s in main_cells(cfg):
     methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
     for method in methods:
-      extra = tuple((k, v) for k, v in winners.items() if winner_applies(cfg, k, method))
+      extra = tuple((k, v) for k, v in winners.items() if winner_applies(swept, k, method))
       runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 
@@ -226,9 +226,10 @@ def check_matches_plan(settings: Dict[str, object], wd: str) -> None:
   if not os.path.exists(path):
     return
   init = settings.get("init_from")
-  fp_res = os.path.join(str(init), "results.json") if init else ""
-  if fp_res and os.path.exists(fp_res) and os.path.getmtime(fp_res) > os.path.getmtime(path):
-    raise ValueError(f"{wd} was fine-tuned from an earlier {init} (retrained since)")
+  if init:
+    fp_res = os.path.join(str(init), "results.json")
+    if os.path.exists(fp_res) and os.path.getmtime(fp_res) > os.path.getmtime(path):
+      raise ValueError(f"{wd} was fine-tuned from an earlier {init} (retrained since)")
   with open(path) as f:
     saved = json.load(f)
   for k, v in settings.items():

@@ -123,15 +123,16 @@ def check_finite(x: ArrayLike, name: str = "x") -> None:
 
   Integer and empty arrays always pass. Returns None; no gradient effect.
   """
-  x = jnp.asarray(x) if not _is_traced(x) else x
+  if _is_traced(x):
+    if x.size and jnp.issubdtype(x.dtype, jnp.inexact):
+      checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
+    return
+  # Counted on the host (one copy, none for numpy input): a jitted count of a concrete x
+  # would still be traced when an outer jit closes over x.
+  x = np.asarray(x)
   if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
     return
-  if _is_traced(x):
-    checkify.check(jnp.all(jnp.isfinite(x)), f"{name} contains NaN or Inf")
-    return
-  # Counted on the host: a jitted count of a concrete x would still be traced when an
-  # outer jit closes over x.
-  bad = int(np.count_nonzero(~np.isfinite(np.asarray(x))))
+  bad = int(np.count_nonzero(~np.isfinite(x)))
   if bad:
     raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of "
                      f"{x.size}; quantizers need finite inputs")
