@@ -10,7 +10,7 @@ import pytest
 
 from experiments.configs import quickstart
 from qgnn_jax import checkpoint as ckpt
-from qgnn_jax import experiment
+from qgnn_jax import experiment, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def test_qat_init_from_fp_and_quantized_size(tmp_path):
 
 def test_bad_method_and_missing_init(tmp_path):
   with pytest.raises(ValueError, match="method"):
-    experiment.parse_method("pq+foo")
+    recipe.parse_method("pq+foo")
   with pytest.raises((ckpt.CheckpointError, FileNotFoundError)):
     experiment.train_and_evaluate(_config(method="pq", init_from=str(tmp_path / "nope")),
                                   str(tmp_path / "run"))
@@ -90,17 +90,17 @@ def test_bad_method_and_missing_init(tmp_path):
 def test_quant_config_carries_every_grid_choice():
   c = quickstart.get_config()
   c.method, c.w_bits, c.a_bits, c.lam = "pq+sqd", 2, 3, 2.5
-  q = experiment.quant_config(c)
+  q = recipe.quant_config(c)
   assert (q.w_quantizer, q.a_quantizer, q.w_bits, q.a_bits, q.lam) == ("pauta", "pauta", 2, 3, 2.5)
   assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
       True, False, "channel", "tensor")
   c.w_symmetric, c.a_symmetric, c.w_granularity, c.a_granularity = False, True, "tensor", "channel"
-  q = experiment.quant_config(c)
+  q = recipe.quant_config(c)
   assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
       False, True, "tensor", "channel")
   c.a_granularity = "row"
   with pytest.raises(ValueError, match="a_granularity='row'"):
-    experiment.quant_config(c)
+    recipe.quant_config(c)
 
 
 def test_cli_quickstart_end_to_end(tmp_path):
