@@ -159,13 +159,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     start_step = 0
     if config.init_from:
       state, fp_top1 = _init_from_fp(state, config.init_from)
-    if method["quantizer"] != "fp":
+    if method.quantized:
       state = train_lib.calibrate(init_model, state, sample)
     state = state.replace(opt_state=tx.init(state.params))
 
   loss_cfg = loss_config(config)
   train_step = train_lib.make_train_step(model, tx, loss_cfg, info.num_classes)
-  eval_mode = "fp" if method["quantizer"] == "fp" else "quant"
+  eval_mode = "quant" if method.quantized else "fp"
   eval_step = train_lib.make_eval_step(model, eval_mode)
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
 
@@ -220,8 +220,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   sizes = model_size_bytes(final.params, final.quant_stats)
   results = {
       "dataset": config.dataset, "model": config.model, "method": config.method,
-      "w_bits": None if method["quantizer"] == "fp" else int(config.w_bits),
-      "a_bits": None if method["quantizer"] == "fp" else int(config.a_bits),
+      "w_bits": int(config.w_bits) if method.quantized else None,
+      "a_bits": int(config.a_bits) if method.quantized else None,
       "seed": int(config.seed), "top1": float(ev["top1"]),
       "fp_top1": None if fp_top1 is None else float(fp_top1),
       "train_steps": int(total_steps), "train_seconds": float(seconds), **sizes}
@@ -251,7 +251,7 @@ def run_pipeline(config, workdir: str) -> list:
   Returns [(name, results)] and prints the summary table.
   """
   rows = []
-  if config.pretrain_fp_epochs > 0 and parse_method(config.method)["quantizer"] != "fp":
+  if config.pretrain_fp_epochs > 0 and parse_method(config.method).quantized:
     fp_cfg = config.copy_and_resolve_references()
     with fp_cfg.unlocked():
       fp_cfg.method, fp_cfg.num_epochs = "fp", config.pretrain_fp_epochs

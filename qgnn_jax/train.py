@@ -11,13 +11,12 @@ import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qgnn_jax import distill
+from qgnn_jax import distill, qat
 
 AXIS = "batch"
 Batch = Dict[str, jax.Array]
@@ -52,7 +51,9 @@ class LossConfig:
   """Static description of the training objective (hashable).
 
   student_mode: "fp" for full-precision training, "quant" for QAT.
-  alpha / tau: AQD weight and attention temperature; beta / bypass_prob /
+  alpha / tau: AQD weight and attention temperature; feature_taps: module-path regex
+  of the block outputs AQD distils (needed when alpha > 0; ViG's is
+  `qgnn_jax.models.FEATURE_TAPS`); beta / bypass_prob /
   temperature: SQD weight, teacher's per-site bypass probability, KD
   temperature. A zero weight removes that teacher pass from the program. tau,
   bypass_prob and temperature default to the ablation's validation winners (SPEC's
@@ -65,13 +66,17 @@ class LossConfig:
   bypass_prob: float = 0.25
   temperature: float = 2.0
   label_smoothing: float = 0.0
+  feature_taps: str = ""
+
+  def __post_init__(self):
+    if self.student_mode not in ("fp", "quant"):
+      raise ValueError(f"student_mode={self.student_mode!r}; valid: 'fp', 'quant'")
+    if self.alpha > 0 and not self.feature_taps:
+      raise ValueError("alpha > 0 (AQD) needs feature_taps: the module-path regex of the "
+                       "block outputs to distil")
 
 
 # ----------------------------------------------------------------------------- optimiser
-
-
-def _is_quant_param(path) -> bool:
-  return path[-1].key in ("w_step", "a_step") if hasattr(path[-1], "key") else False
 
 
 def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_steps: int = 0,
@@ -80,8 +85,8 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_ste
                    params: Any = None) -> optax.GradientTransformation:
   """AdamW (default) or SGD-momentum with linear warmup + cosine decay.
 
-  Weight decay applies to kernels (ndim >= 2) only. Quantizer parameters (LSQ
-  steps) get their own peak learning rate `quant_lr` (default: learning_rate)
+  Weight decay applies to kernels (ndim >= 2) only. Quantizer parameters (e.g. LSQ
+  steps; `qat.is_quantizer_param`) get their own peak learning rate `quant_lr` (default: learning_rate)
   and no weight decay. `params` is only used to build the labels' tree.
   """
   if name not in ("adamw", "sgd"):
@@ -95,7 +100,7 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_ste
 
   def decay_mask(p):
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and not _is_quant_param(path), p)
+        lambda path, x: x.ndim >= 2 and not qat.is_quantizer_param(path), p)
 
   def base(peak, wd):
     if name == "adamw":
@@ -104,7 +109,7 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_ste
     return optax.chain(*chain, optax.sgd(schedule(peak), momentum=momentum, nesterov=True))
 
   labels = lambda p: jax.tree_util.tree_map_with_path(
-      lambda path, _: "quant" if _is_quant_param(path) else "default", p)
+      lambda path, _: "quant" if qat.is_quantizer_param(path) else "default", p)
   tx = optax.multi_transform(
       {"default": base(learning_rate, weight_decay),
        "quant": base(learning_rate if quant_lr is None else quant_lr, 0.0)}, labels)
@@ -116,12 +121,23 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, warmup_ste
 # ----------------------------------------------------------------------------- state
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, images: jax.Array,
-                 rng: jax.Array, init_mode: str = "quant") -> TrainState:
-  """Initialises variables from a batch of images (B, H, W, C) and the optimiser state."""
+Model = Any  # a `qat.QuantizedModel`, or a plain linen module (trained in full precision)
+
+
+def as_quantized(model: Model) -> qat.QuantizedModel:
+  """A plain linen module becomes a QuantizedModel without rules (full precision)."""
+  return model if isinstance(model, qat.QuantizedModel) else qat.quantize_model(model, ())
+
+
+def create_state(model: Model, tx: optax.GradientTransformation, images: jax.Array,
+                 rng: jax.Array) -> TrainState:
+  """Initialises variables from a batch of images (B, H, W, C) and the optimiser state.
+
+  The model is called as `model(images, train=False)` (every model here takes `train`).
+  """
   init_rng, state_rng = jax.random.split(rng)
-  variables = model.init({"params": init_rng, "dropout": init_rng, "quant": init_rng},
-                         images, train=False, mode=init_mode)
+  variables = as_quantized(model).init(
+      {"params": init_rng, "dropout": init_rng, "quant": init_rng}, images, train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
@@ -129,14 +145,14 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, images: jax
                     opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
 
 
-def calibrate(model: nn.Module, state: TrainState, images: jax.Array) -> TrainState:
-  """Sets PQ/min-max activation EMAs and LSQ step sizes from one batch (host, 1 device).
+def calibrate(model: Model, state: TrainState, images: jax.Array) -> TrainState:
+  """Sets activation-range EMAs and learnable quantizer params from one batch (1 device).
 
   Used when QAT starts from FP weights: LSQ's init s = 2 mean|x| / sqrt(Q_P)
   must see the real weights and activations, not the random init.
   """
-  _, new = model.apply(state.variables(), images, train=False, mode="quant", calibrate=True,
-                       mutable=["params", "quant_stats"])
+  _, new = as_quantized(model).apply(state.variables(), images, train=False, mode="quant",
+                                     calibrate=True, mutable=["params", "quant_stats"])
   params = new["params"]
   return state.replace(params=params, quant_stats=new.get("quant_stats", state.quant_stats))
 
@@ -164,7 +180,7 @@ def unreplicate(tree: Any) -> Any:
 
 
 def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax.Array,
-                     quant_rng: jax.Array, model: nn.Module, loss_cfg: LossConfig,
+                     quant_rng: jax.Array, model: qat.QuantizedModel, loss_cfg: LossConfig,
                      num_classes: int):
   """L = CE(z_s, y) + alpha * AQD + beta * SQD on one device's batch.
 
@@ -172,15 +188,18 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax
   bypass mask (the same on every device: one mask per step).
   Returns (loss, (metrics, new_model_state)). The teacher passes (FP for AQD,
   stochastic for SQD) run only when their weight is non-zero; their outputs
-  are constants and their BN/EMA updates are discarded.
+  are constants and their BN/EMA updates are discarded. Student and teachers are the
+  same model and parameters, called in the modes "quant" (or "fp"), "fp" and
+  "stochastic"; AQD reads the `loss_cfg.feature_taps` outputs of student and FP teacher.
   """
   variables = state.variables(params)
   images = batch["image"]
-  need_feats = loss_cfg.alpha > 0
-  out, new_state = model.apply(
-      variables, images, train=True, mode=loss_cfg.student_mode, return_features=need_feats,
-      rngs={"dropout": drop_rng}, mutable=["batch_stats", "quant_stats"])
-  logits, s_feats = out if need_feats else (out, None)
+  taps = distill.FeatureTaps(loss_cfg.feature_taps) if loss_cfg.alpha > 0 else None
+  stats = ["batch_stats", "quant_stats"]  # mutable: batch statistics, as in training
+  logits, new_state = model.apply(
+      variables, images, train=True, mode=loss_cfg.student_mode, axis_name=AXIS,
+      rngs={"dropout": drop_rng}, mutable=stats + (["intermediates"] if taps else []),
+      capture_intermediates=taps.capture if taps else False)
   labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
                                loss_cfg.label_smoothing) if loss_cfg.label_smoothing else \
       jax.nn.one_hot(batch["label"], num_classes)
@@ -188,17 +207,18 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax
   loss = ce
   metrics = {"ce": ce, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
   teacher_vars = jax.lax.stop_gradient(variables)
-  if loss_cfg.alpha > 0:
-    (_, t_feats), _ = model.apply(teacher_vars, images, train=True, mode="fp", return_features=True,
-                                  rngs={"dropout": drop_rng}, mutable=["batch_stats"])
-    aqd = distill.aqd_loss(s_feats, t_feats, loss_cfg.tau)
+  if taps:
+    _, t_state = model.apply(teacher_vars, images, train=True, mode="fp", axis_name=AXIS,
+                             rngs={"dropout": drop_rng}, mutable=stats + ["intermediates"],
+                             capture_intermediates=taps.capture)
+    aqd = distill.aqd_loss(taps.collect(new_state.pop("intermediates")),
+                           taps.collect(t_state["intermediates"]), loss_cfg.tau)
     loss = loss + loss_cfg.alpha * aqd
     metrics["aqd"] = aqd
   if loss_cfg.beta > 0:
     t_logits, _ = model.apply(teacher_vars, images, train=True, mode="stochastic",
-                              bypass_prob=loss_cfg.bypass_prob,
-                              rngs={"dropout": drop_rng, "quant": quant_rng},
-                              mutable=["batch_stats"])
+                              bypass_prob=loss_cfg.bypass_prob, axis_name=AXIS,
+                              rngs={"dropout": drop_rng, "quant": quant_rng}, mutable=stats)
     sqd = distill.sqd_loss(logits, t_logits, loss_cfg.temperature)
     loss = loss + loss_cfg.beta * sqd
     metrics["sqd"] = sqd
@@ -213,7 +233,7 @@ def _step_rngs(state: TrainState) -> Tuple[jax.Array, jax.Array]:
   return jax.random.fold_in(drop_key, jax.lax.axis_index(AXIS)), quant_key
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+def train_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,
                tx: optax.GradientTransformation, loss_cfg: LossConfig,
                num_classes: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimisation step on one device's shard; call through `make_train_step`."""
@@ -234,29 +254,35 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg: LossConfig,
+def make_train_step(model: Model, tx: optax.GradientTransformation, loss_cfg: LossConfig,
                     num_classes: int) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict]]:
-  """pmap-ed, state-donating train step: (replicated state, (D, B/D, ...) batch) -> (state, metrics)."""
-  fn = functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg,
+  """pmap-ed, state-donating train step: (replicated state, (D, B/D, ...) batch) -> (state, metrics).
+
+  `model`: any linen module taking (images, train=...) quantized with
+  `qat.quantize_model(model, rules)` (a plain module trains in full precision).
+  """
+  fn = functools.partial(train_step, model=as_quantized(model), tx=tx, loss_cfg=loss_cfg,
                          num_classes=num_classes)
   return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
 
 
-def eval_step(state: TrainState, batch: Batch, *, model: nn.Module, mode: str) -> Dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,
+              mode: str) -> Dict[str, jax.Array]:
   """Counts correct predictions on one device's shard (eval mode: EMA ranges, running BN).
 
   batch may carry a float 'mask' (padding = 0). Returns psum-ed sums:
   {"correct", "count", "loss_sum"}.
   """
-  logits = model.apply(state.variables(), batch["image"], train=False, mode=mode)
+  logits = model.apply(state.variables(), batch["image"], train=False, mode=mode, axis_name=AXIS)
   mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * mask
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
   return jax.lax.psum({"correct": correct.sum(), "count": mask.sum(), "loss_sum": ce.sum()}, AXIS)
 
 
-def make_eval_step(model: nn.Module, mode: str) -> Callable[[TrainState, Batch], Dict]:
-  return jax.pmap(functools.partial(eval_step, model=model, mode=mode), axis_name=AXIS)
+def make_eval_step(model: Model, mode: str) -> Callable[[TrainState, Batch], Dict]:
+  return jax.pmap(functools.partial(eval_step, model=as_quantized(model), mode=mode),
+                  axis_name=AXIS)
 
 
 def shard_batch(batch: Dict[str, Any], num_devices: int) -> Dict[str, Any]:

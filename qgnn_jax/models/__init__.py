@@ -1,4 +1,4 @@
-"""Model registry: `MODELS[name](num_classes, cfg=..., **kw)` -> linen module taking NHWC images.
+"""Model registry: `MODELS[name](num_classes, **kw)` -> plain linen module taking NHWC images.
 
 | name | input | nodes | blocks x dim |
 |---|---|---|---|
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qgnn_jax.layers import FP, QuantConfig
 from qgnn_jax.models.pvig import PYRAMID_MODELS
 from qgnn_jax.models.vig import ViG
 
@@ -37,6 +36,20 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 MODELS.update(PYRAMID_MODELS)
+
+# Module paths of every registered model's layer groups (regexes, fully matched against
+# '/'-joined module paths), from which quantization rules are built (`qgnn_jax.recipe`):
+#   body: every Dense / 1x1 conv of Grapher, graph conv and FFN, and the pyramid's
+#         Downsample convs (SPEC §2: quantized);
+#   stem_rest: the stem convs after the first (full precision by default; the first
+#         stays full precision always); head: hidden layer and classifier.
+LAYER_GROUPS: Dict[str, str] = {
+    "body": r"(grapher|ffn)\d+/.*|downsample\d+/.*",
+    "stem_rest": r"stem/conv[1-9]\d*",
+    "head": r"head/(fc|classifier)",
+}
+# The block outputs AQD distils: every Grapher and every FFN (module-path regex).
+FEATURE_TAPS = r"(grapher|ffn)\d+"
 
 # (H, W, C) of one input image per variant: what the stem's strides were sized for.
 INPUT_SHAPES: Dict[str, Tuple[int, int, int]] = {
@@ -56,14 +69,13 @@ def input_shape(name: str) -> Tuple[int, int, int]:
   return INPUT_SHAPES[name]
 
 
-def create_model(name: str, num_classes: int, quant_config: Optional[QuantConfig] = None,
-                 **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds a registered model. kwargs override the variant's fields (e.g. axis_name, dtype)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-  return MODELS[name](num_classes=num_classes, cfg=quant_config or FP, **kwargs)
+  return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def count_params(params: Any) -> int:
@@ -71,17 +83,18 @@ def count_params(params: Any) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def forward_flops(model: nn.Module, image_shape: Tuple[int, int, int], batch: int = 1,
-                  mode: str = "fp") -> float:
+def forward_flops(model: Any, image_shape: Tuple[int, int, int], batch: int = 1,
+                  **apply_kwargs) -> float:
   """XLA's flop count of one evaluation forward pass over `batch` images of `image_shape`.
 
   From the lowered HLO's cost analysis (no compile, no parameters allocated): a multiply-add
   counts 2, elementwise ops count too, so it is about twice the "FLOPs" (multiply-adds) that
-  vision papers quote. mode='quant' adds the fake quantizers' elementwise work.
+  vision papers quote. `model` is a linen module or a `qgnn_jax.qat.QuantizedModel`
+  (apply_kwargs, e.g. mode="quant", add the fake quantizers' elementwise work).
   """
   x = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  lowered = jax.jit(lambda v, x: model.apply(v, x, mode=mode)).lower(variables, x)
+  lowered = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs)).lower(variables, x)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or "flops" not in cost:

@@ -1,9 +1,8 @@
-"""Vision GNN building blocks (Han et al., NeurIPS 2022), NHWC, quantizable.
+"""Vision GNN building blocks (Han et al., NeurIPS 2022), NHWC, plain Flax.
 
-Every block takes the call-time quantization arguments of
-`qgnn_jax.layers` as keywords (train, mode, bypass_prob, calibrate) and
-passes them to its quantizable layers. BatchNorm, the k-NN search and the max
-aggregation stay in float.
+No quantization code: the linear layers are `nn.Dense`, `nn.Conv` and `GroupedDense`
+(an einsum), which `qgnn_jax.qat.quantize_model` quantizes from outside by rules.
+Every block takes `train` (BN batch statistics, dropout, drop-path).
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qgnn_jax import graph
-from qgnn_jax.layers import FP, QuantConfig, QuantConv, QuantDense
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -27,6 +25,42 @@ def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, name: Optional
   """BatchNorm with PyTorch's defaults (momentum 0.1 == flax 0.9, eps 1e-5)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class GroupedDense(nn.Module):
+  """Grouped dense layer (= PyTorch's 1x1 conv with groups=G) over the last axis.
+
+  x: (..., C_in) -> (..., features). Kernel (G, C_in/G, features/G), bias (features,):
+  channel group g of the input maps to output group g (block-diagonal weight).
+  """
+  features: int
+  groups: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin, g = x.shape[-1], self.groups
+    if cin % g or self.features % g:
+      raise ValueError(f"groups={g} must divide C_in={cin} and features={self.features}")
+    kernel = self.param("kernel", self.kernel_init, (g, cin // g, self.features // g),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    xg = x.reshape(*x.shape[:-1], g, cin // g)
+    y = jnp.einsum("...gi,gio->...go", xg, kernel).reshape(*x.shape[:-1], self.features)
+    return y + bias
+
+
+def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+  """nn.Dense with float32 params and compute in `dtype` (the layer of every block)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def conv3x3(features: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  """3x3 conv, padding 1 (as PyTorch's Conv2d(3, stride, 1)), float32 params."""
+  return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), dtype=dtype,
+                 param_dtype=jnp.float32, name=name)
 
 
 class DropPath(nn.Module):
@@ -51,23 +85,17 @@ def knn_schedule(k: int, depth: int, num_nodes: int) -> tuple[list[int], list[in
 
 
 class Stem(nn.Module):
-  """Strided 3x3 conv + BN (+ GELU between) stack: (B, H, W, C_in) -> (B, h, w, C).
-
-  The first conv is always full precision; the others follow cfg.quantize_stem.
-  """
+  """Strided 3x3 conv + BN (+ GELU between) stack: (B, H, W, C_in) -> (B, h, w, C)."""
   channels: Sequence[int]
   strides: Sequence[int]
-  cfg: QuantConfig = FP
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train=False, mode="quant", bypass_prob=0.0, calibrate=False):
-    q = dict(train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
+  def __call__(self, x, *, train=False):
     n = len(self.channels)
     for i, (c, s) in enumerate(zip(self.channels, self.strides)):
-      x = QuantConv(c, (3, 3), (s, s), cfg=self.cfg, quantize=(i > 0 and self.cfg.quantize_stem),
-                    axis_name=self.axis_name, dtype=self.dtype, name=f"conv{i}")(x, **q)
+      x = conv3x3(c, s, self.dtype, f"conv{i}")(x)
       x = batch_norm(train, self.axis_name, self.dtype, name=f"bn{i}")(x)
       if i < n - 1:
         x = gelu(x)
@@ -84,7 +112,6 @@ class Grapher(nn.Module):
   """
   k: int
   dilation: int = 1
-  cfg: QuantConfig = FP
   r: int = 1
   relative_pos: Optional[np.ndarray] = None
   drop_path: float = 0.0
@@ -94,14 +121,11 @@ class Grapher(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train=False, mode="quant", bypass_prob=0.0, calibrate=False):
-    q = dict(train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
+  def __call__(self, x, *, train=False):
     b, h, w, c = x.shape
-    dense = lambda f, g=1, name=None: QuantDense(f, cfg=self.cfg, groups=g, axis_name=self.axis_name,
-                                                 dtype=self.dtype, name=name)
     bn = lambda name: batch_norm(train, self.axis_name, self.dtype, name=name)
     shortcut = x
-    x = bn("fc1_bn")(dense(c, name="fc1")(x, **q))
+    x = bn("fc1_bn")(dense(c, self.dtype, "fc1")(x))
     keys = None
     if self.r > 1:
       keys = nn.avg_pool(x, (self.r, self.r), (self.r, self.r)).reshape(b, -1, c)
@@ -110,28 +134,24 @@ class Grapher(nn.Module):
     neighbors = graph.knn_graph(nodes, self.k, self.dilation, keys=keys, relative_pos=rel)
     agg = graph.max_relative(nodes, neighbors, keys, impl=self.graph_impl)
     x = jnp.stack([nodes, agg.astype(nodes.dtype)], axis=-1).reshape(b, h, w, 2 * c)
-    x = gelu(bn("gconv_bn")(dense(2 * c, self.groups, name="gconv")(x, **q)))
-    x = bn("fc2_bn")(dense(c, name="fc2")(x, **q))
+    x = gelu(bn("gconv_bn")(GroupedDense(2 * c, self.groups, self.dtype, name="gconv")(x)))
+    x = bn("fc2_bn")(dense(c, self.dtype, "fc2")(x))
     return DropPath(self.drop_path)(x, train) + shortcut
 
 
 class FFN(nn.Module):
   """FFN block: C -> hidden + BN -> GELU -> hidden -> C + BN -> drop-path -> +x."""
   hidden: int
-  cfg: QuantConfig = FP
   drop_path: float = 0.0
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train=False, mode="quant", bypass_prob=0.0, calibrate=False):
-    q = dict(train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
+  def __call__(self, x, *, train=False):
     c = x.shape[-1]
-    dense = lambda f, name: QuantDense(f, cfg=self.cfg, axis_name=self.axis_name,
-                                       dtype=self.dtype, name=name)
-    y = batch_norm(train, self.axis_name, self.dtype, "fc1_bn")(dense(self.hidden, "fc1")(x, **q))
-    y = gelu(y)
-    y = batch_norm(train, self.axis_name, self.dtype, "fc2_bn")(dense(c, "fc2")(y, **q))
+    bn = lambda name: batch_norm(train, self.axis_name, self.dtype, name)
+    y = gelu(bn("fc1_bn")(dense(self.hidden, self.dtype, "fc1")(x)))
+    y = bn("fc2_bn")(dense(c, self.dtype, "fc2")(y))
     return DropPath(self.drop_path)(y, train) + x
 
 
@@ -140,18 +160,14 @@ class Head(nn.Module):
   num_classes: int
   hidden: int = 1024
   dropout: float = 0.0
-  cfg: QuantConfig = FP
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train=False, mode="quant", bypass_prob=0.0, calibrate=False):
-    q = dict(train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
+  def __call__(self, x, *, train=False):
     x = jnp.mean(x, axis=(1, 2))
-    x = QuantDense(self.hidden, cfg=self.cfg, quantize=self.cfg.quantize_head,
-                   axis_name=self.axis_name, dtype=self.dtype, name="fc")(x, **q)
+    x = dense(self.hidden, self.dtype, "fc")(x)
     x = gelu(batch_norm(train, self.axis_name, self.dtype, "bn")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = QuantDense(self.num_classes, cfg=self.cfg, quantize=self.cfg.quantize_head,
-                   axis_name=self.axis_name, dtype=self.dtype, name="classifier")(x, **q)
+    x = dense(self.num_classes, self.dtype, "classifier")(x)
     return x.astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Pyramid Vision GNN (Pyramid ViG-Ti/S/M/B; Han et al., NeurIPS 2022), quantizable.
+"""Pyramid Vision GNN (Pyramid ViG-Ti/S/M/B; Han et al., NeurIPS 2022), plain Flax.
 
 Architecture (as the official `vig_pytorch/pyramid_vig.py`):
 
@@ -40,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qgnn_jax.layers import FP, QuantConfig, QuantConv
-from qgnn_jax.models.blocks import FFN, Grapher, Head, Stem, batch_norm
+from qgnn_jax.models.blocks import FFN, Grapher, Head, Stem, batch_norm, conv3x3
 
 
 # ----------------------------------------------------------------------------
@@ -129,16 +128,12 @@ def relative_pos_bias(dim: int, height: int, width: int, r: int) -> np.ndarray:
 class Downsample(nn.Module):
   """3x3 stride-2 conv + BN between stages: (B, H, W, C_in) -> (B, H/2, W/2, C)."""
   features: int
-  cfg: QuantConfig = FP
-  quantize: bool = True
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train=False, mode="quant", bypass_prob=0.0, calibrate=False):
-    x = QuantConv(self.features, (3, 3), (2, 2), cfg=self.cfg, quantize=self.quantize,
-                  axis_name=self.axis_name, dtype=self.dtype, name="conv")(
-                      x, train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
+  def __call__(self, x, *, train=False):
+    x = conv3x3(self.features, 2, self.dtype, "conv")(x)
     return batch_norm(train, self.axis_name, self.dtype, name="bn")(x)
 
 
@@ -153,19 +148,10 @@ def pyramid_schedule(blocks: Sequence[int], k: int, last_keys: int) -> Tuple[lis
 class PyramidViG(nn.Module):
   """Pyramid ViG: stem -> +pos-embed -> 4 stages of (Grapher, FFN) blocks -> head.
 
-  Call: images (B, H, W, C_in) float -> logits (B, num_classes) float32, and
-  with return_features=True also the list of the 2 * sum(blocks) block
-  outputs (after every Grapher and every FFN), block i's being
-  (B, N_s, C_s) for its stage s (N_s = H/4/2^s * W/4/2^s).
-
-  Keywords at call time as `ViG`: train, mode ("fp" | "quant" |
-  "stochastic"), bypass_prob, calibrate. RNG streams: "dropout" (train),
-  "quant" (mode="stochastic").
-
-  Quantization: the Grapher/FFN dense layers always follow `cfg`; the
-  Downsample convs follow `quantize_downsample` (default on: they are body
-  layers); the stem's first conv stays FP and the others follow
-  cfg.quantize_stem; the head follows cfg.quantize_head.
+  Call: images (B, H, W, C_in) float -> logits (B, num_classes) float32; `train` as
+  `ViG`. The block outputs AQD distils are those of the modules `grapher<i>` and
+  `ffn<i>`, block i's being (B, H_s, W_s, C_s) for its stage s (H_s = H/4/2^s).
+  Quantization rules (`qgnn_jax.recipe`) treat the Downsample convs as body layers.
   """
   num_classes: int
   channels: Sequence[int] = (48, 96, 240, 384)
@@ -176,26 +162,21 @@ class PyramidViG(nn.Module):
   drop_path_rate: float = 0.0
   dropout: float = 0.0
   relative_pos: bool = True
-  quantize_downsample: bool = True
-  cfg: QuantConfig = FP
   graph_impl: str = "dense"
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, mode: str = "quant",
-               bypass_prob: float = 0.0, calibrate: bool = False,
-               return_features: bool = False):
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     if images.ndim != 4:
       raise ValueError(f"images must be NHWC (B, H, W, C), got shape {images.shape}")
     if not len(self.channels) == len(self.blocks) == len(self.reduce_ratios):
       raise ValueError(f"channels {self.channels}, blocks {self.blocks} and reduce_ratios "
                        f"{self.reduce_ratios} must have the same length")
-    q = dict(train=train, mode=mode, bypass_prob=bypass_prob, calibrate=calibrate)
     c0 = self.channels[0]
-    x = Stem((c0 // 2, c0, c0), (2, 2, 1), self.cfg, self.axis_name, self.dtype,
-             name="stem")(images.astype(self.dtype), **q)
-    b, h, w, _ = x.shape
+    x = Stem((c0 // 2, c0, c0), (2, 2, 1), self.axis_name, self.dtype,
+             name="stem")(images.astype(self.dtype), train=train)
+    _, h, w, _ = x.shape
     pos = self.param("pos_embed", nn.initializers.zeros, (1, h, w, c0), jnp.float32)
     x = x + pos.astype(self.dtype)
 
@@ -209,12 +190,10 @@ class PyramidViG(nn.Module):
     ks, ds = pyramid_schedule(self.blocks, self.k, (hl // rl) * (wl // rl))
     dpr = np.linspace(0.0, self.drop_path_rate, int(sum(self.blocks)))
 
-    feats = []
     idx = 0
     for s, (c, nb, r) in enumerate(zip(self.channels, self.blocks, self.reduce_ratios)):
       if s > 0:
-        x = Downsample(c, self.cfg, self.quantize_downsample, self.axis_name, self.dtype,
-                       name=f"downsample{s}")(x, **q)
+        x = Downsample(c, self.axis_name, self.dtype, name=f"downsample{s}")(x, train=train)
       _, hs, ws, _ = x.shape
       assert (hs, ws) == grids[s], ((hs, ws), grids[s])
       m = (hs // r) * (ws // r)
@@ -226,17 +205,14 @@ class PyramidViG(nn.Module):
           raise ValueError(f"block {idx} (stage {s}): k*d = {ks[idx]}*{ds[idx]} exceeds the "
                            f"{m} candidate nodes of a {hs}x{ws} grid pooled by {r}; use larger "
                            f"images or a smaller k")
-        x = Grapher(ks[idx], ds[idx], self.cfg, r=r, relative_pos=rel,
-                    drop_path=float(dpr[idx]), graph_impl=self.graph_impl,
-                    axis_name=self.axis_name, dtype=self.dtype, name=f"grapher{idx}")(x, **q)
-        feats.append(x.reshape(b, hs * ws, c))
-        x = FFN(4 * c, self.cfg, float(dpr[idx]), self.axis_name, self.dtype,
-                name=f"ffn{idx}")(x, **q)
-        feats.append(x.reshape(b, hs * ws, c))
+        x = Grapher(ks[idx], ds[idx], r=r, relative_pos=rel, drop_path=float(dpr[idx]),
+                    graph_impl=self.graph_impl, axis_name=self.axis_name, dtype=self.dtype,
+                    name=f"grapher{idx}")(x, train=train)
+        x = FFN(4 * c, float(dpr[idx]), self.axis_name, self.dtype,
+                name=f"ffn{idx}")(x, train=train)
         idx += 1
-    logits = Head(self.num_classes, self.head_hidden, self.dropout, self.cfg, self.axis_name,
-                  self.dtype, name="head")(x, **q)
-    return (logits, feats) if return_features else logits
+    return Head(self.num_classes, self.head_hidden, self.dropout, self.axis_name,
+                self.dtype, name="head")(x, train=train)
 
 
 def relative_pos_entries(model: PyramidViG, image_size: Tuple[int, int]) -> int:

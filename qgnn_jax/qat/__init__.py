@@ -1,0 +1,17 @@
+"""QGNN-IC for any Flax model: quantization applied from outside, by rules (SPEC §3.5).
+
+    qmodel = quantize_model(model, [QuantRule(".*", w_quantizer="pq", a_quantizer="pq")])
+    variables = qmodel.init(key, x, train=False)
+    logits = qmodel.apply(variables, x, train=False, mode="quant")
+
+`rules.py` (QuantRule, first match wins), `site.py` (one op's quantizer state and
+modes), `model.py` (the qwix provider and `QuantizedModel`).
+"""
+from qgnn_jax.qat.model import (RESERVED_KWARGS, QuantizedModel, is_quantizer_param,
+                                quantize_model)
+from qgnn_jax.qat.rules import OPS, QuantRule, full_precision, match
+from qgnn_jax.qat.site import MODES, CallSettings, call_settings, current_settings
+
+__all__ = ["quantize_model", "QuantizedModel", "QuantRule", "full_precision", "match",
+           "is_quantizer_param", "CallSettings", "call_settings", "current_settings",
+           "MODES", "OPS", "RESERVED_KWARGS"]

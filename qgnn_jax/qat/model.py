@@ -1,0 +1,225 @@
+"""`quantize_model(model, rules)`: fake quantization for any unmodified Flax linen model.
+
+Built on qwix's interception (PyPI `qwix`, pinned in requirements.txt): a
+`qwix.QuantizationProvider` whose `get_intercept_map()` replaces `jax.lax.dot_general`,
+`jax.lax.conv_general_dilated` and `jax.numpy.einsum` while the model runs, and
+`qwix.quantize_model`, which makes a subclass of the model's class with its `__call__`
+wrapped (so parameter paths and everything else stay those of the original model).
+`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` (grouped too) and `nn.Einsum` reach these ops.
+At each op a rule matches, the operand that is a param of the calling module (found with
+qwix's `find_param`) is the weight, the other the activation; both go through
+`qgnn_jax.qat.site.quantize_operands`. An op with no param operand (e.g. attention's
+q @ k) stays full precision.
+
+Why qwix and not `nn.intercept_methods`: method interception sees a module's inputs and
+outputs, not the kernel it creates inside its own `__call__`, so weights cannot be
+quantized without rewriting the layers (docs/METHOD.md, "Quantization as a model
+transform").
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import qwix
+from absl import logging
+from qwix._src.utils import flax_util as qwix_flax_util  # private helper, tested (tests/test_qat.py)
+
+from qgnn_jax.qat import rules as rules_lib
+from qgnn_jax.qat import site as site_lib
+from qgnn_jax.qat.rules import QuantRule
+from qgnn_jax.qat.site import CallSettings
+
+RESERVED_KWARGS = ("mode", "bypass_prob", "calibrate", "axis_name")
+# Inside a handler the interception is off (qwix's interception is not recursive), so
+# the handlers call jax.lax.dot_general & co. for the original ops.
+
+
+def _current_module() -> nn.Module:
+  return qwix_flax_util.get_current_module()
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(map(str, module.path))
+
+
+def _next_site_index(module: nn.Module) -> int:
+  """0, 1, 2, ... for the ops a module's scope runs during one apply."""
+  from qwix._src import aux_data  # private helper of qwix, as qwix's own op ids use it
+  n = aux_data.get(module.scope, "qgnn_site_count", 0)
+  aux_data.set(module.scope, "qgnn_site_count", n + 1)
+  return n
+
+
+class _Provider(qwix.QuantizationProvider):
+  """Intercepts the linear ops of a linen model and quantizes them by rules."""
+
+  def __init__(self, rules: Sequence[QuantRule]):
+    super().__init__([])
+    self.rules = tuple(rules)
+    self._warned = set()
+
+  def get_intercept_map(self):
+    return {**super().get_intercept_map(),
+            "jax.lax.dot_general": self._dot_general,
+            "jax.lax.conv_general_dilated": self._conv_general_dilated,
+            "jax.numpy.einsum": self._einsum}
+
+  def _rule(self, op_name: str) -> Tuple[Optional[QuantRule], Optional[nn.Module]]:
+    module = _current_module()
+    rule = rules_lib.match(self.rules, _module_path(module), op_name)
+    if rule is None or not rule.enabled:
+      return None, module
+    if site_lib.current_settings().mode == "fp" and not module.is_initializing():
+      return None, module  # fp: no quantizer op traced, no state touched
+    return rule, module
+
+  def _no_weight(self, module: nn.Module, op_name: str) -> None:
+    key = (_module_path(module), op_name)
+    if key not in self._warned:
+      self._warned.add(key)
+      logging.warning("qgnn_jax.qat: %s in %r matches a rule but neither operand is a param "
+                      "of that module; it stays full precision", op_name, key[0])
+
+  def _dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                   preferred_element_type=None, **kwargs):
+    op = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers,
+                           precision=precision, preferred_element_type=preferred_element_type,
+                           **kwargs)
+    rule, module = self._rule("dot_general")
+    if rule is None:
+      return op(lhs, rhs)
+    (lc, rc), (lb, rb) = dimension_numbers
+    if qwix_flax_util.find_param(rhs) is not None:
+      x, w, xc, wc, w_is_rhs = lhs, rhs, tuple(lc) + tuple(lb), tuple(rc), True
+    elif qwix_flax_util.find_param(lhs) is not None:
+      x, w, xc, wc, w_is_rhs = rhs, lhs, tuple(rc) + tuple(rb), tuple(lc), False
+    else:
+      self._no_weight(module, "dot_general")
+      return op(lhs, rhs)
+    w_out = tuple(a for a in range(w.ndim) if a not in wc)  # batch + free: output channels
+    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
+                                              x, xc, w, w_out)
+    return op(x_hat, w_hat) if w_is_rhs else op(w_hat, x_hat)
+
+  def _conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
+                            rhs_dilation=None, dimension_numbers=None, *args, **kwargs):
+    op = lambda a, b: jax.lax.conv_general_dilated(
+        a, b, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        *args, **kwargs)
+    rule, module = self._rule("conv_general_dilated")
+    if rule is None:
+      return op(lhs, rhs)
+    if qwix_flax_util.find_param(rhs) is None:
+      self._no_weight(module, "conv_general_dilated")
+      return op(lhs, rhs)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    # lhs_spec = (batch, feature, spatial...), rhs_spec = (out feature, in feature, ...):
+    # the weight's channel axis is its output-feature axis, also for grouped convs (each
+    # output channel belongs to one group); the activation's is its feature axis.
+    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
+                                              lhs, (dn.lhs_spec[1],), rhs, (dn.rhs_spec[0],))
+    return op(x_hat, w_hat)
+
+  def _einsum(self, subscripts, *operands, **kwargs):
+    rule, module = self._rule("einsum")
+    if rule is None or not isinstance(subscripts, str) or len(operands) != 2 \
+        or "->" not in subscripts:
+      return jnp.einsum(subscripts, *operands, **kwargs)
+    inputs, _, output = subscripts.replace(" ", "").partition("->")
+    specs = inputs.split(",")
+    found = [qwix_flax_util.find_param(o) is not None for o in operands]
+    if not any(found) or not output:
+      self._no_weight(module, "einsum")
+      return jnp.einsum(subscripts, *operands, **kwargs)
+    wi = found.index(True)
+    xi = 1 - wi
+    w_letters, x_letters = _letters(specs[wi], operands[wi].ndim), \
+        _letters(specs[xi], operands[xi].ndim)
+    # Weight: per output channel = its axes that survive into the output. Activation:
+    # per input channel = its axes shared with the weight (contracted or batch).
+    wc = tuple(i for i, c in enumerate(w_letters) if c in output)
+    xc = tuple(i for i, c in enumerate(x_letters) if c in w_letters and c != ".")
+    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
+                                              operands[xi], xc, operands[wi], wc)
+    ops = [None, None]
+    ops[wi], ops[xi] = w_hat, x_hat
+    return jnp.einsum(subscripts, *ops, **kwargs)
+
+
+def _letters(spec: str, ndim: int) -> str:
+  """One character per axis of an einsum operand spec ('...' expanded to '.')."""
+  if "..." in spec:
+    head, _, tail = spec.partition("...")
+    return head + "." * (ndim - len(head) - len(tail)) + tail
+  return spec
+
+
+class QuantizedModel:
+  """A linen model with fake quantization at the ops its rules match.
+
+  `init` and `apply` take the original model's arguments, plus, for `apply`, the
+  per-call keywords `mode` ("fp" | "quant" | "stochastic"), `bypass_prob`,
+  `calibrate` and `axis_name` (the pmap axis over which activation ranges are
+  synchronised). Variables: the original model's, plus each site's quantizer state
+  (`qgnn_jax.qat.site`). `module` is the quantized linen module itself, to nest in a
+  larger model (then set the call settings with `qgnn_jax.qat.call_settings`).
+  """
+
+  def __init__(self, model: nn.Module, rules: Sequence[QuantRule]):
+    if not isinstance(model, nn.Module):
+      raise TypeError(f"quantize_model needs a flax.linen Module, got {type(model).__name__}")
+    rules = tuple(rules)
+    for r in rules:
+      if not isinstance(r, QuantRule):
+        raise TypeError(f"rules must be QuantRule instances, got {r!r}")
+    params = inspect.signature(type(model).__call__).parameters
+    clash = [k for k in RESERVED_KWARGS if k in params]
+    if clash:
+      raise ValueError(f"{type(model).__name__}.__call__ takes {clash}, which quantized "
+                       f"models reserve for the call settings {RESERVED_KWARGS}")
+    self.original = model
+    self.rules = rules
+    self.module = qwix.quantize_model(model, _Provider(rules)) if rules else model
+
+  @property
+  def quantized(self) -> bool:
+    return any(r.enabled for r in self.rules)
+
+  def init(self, rngs, *args, **kwargs) -> Dict[str, Any]:
+    """Variables of the model and of every site (mode "quant" traces them all)."""
+    with site_lib.call_settings(CallSettings(mode="quant")):
+      return self.module.init(rngs, *args, **kwargs)
+
+  def apply(self, variables, *args, mode: str = "quant", bypass_prob: float = 0.0,
+            calibrate: bool = False, axis_name: Optional[str] = None, **kwargs):
+    with site_lib.call_settings(CallSettings(mode, bypass_prob, calibrate, axis_name)):
+      return self.module.apply(variables, *args, **kwargs)
+
+  def __hash__(self):
+    return hash((self.original, self.rules))
+
+  def __eq__(self, other):
+    return isinstance(other, QuantizedModel) and self.original == other.original and \
+        self.rules == other.rules
+
+  def __repr__(self):
+    return f"QuantizedModel({type(self.original).__name__}, {len(self.rules)} rules)"
+
+
+def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
+  """`model` (unmodified linen module) with fake quantization at the ops `rules` match."""
+  return QuantizedModel(model, rules)
+
+
+def is_quantizer_param(path: Sequence[Any]) -> bool:
+  """True for a params leaf that belongs to a quantizer site (e.g. an LSQ step).
+
+  path: a `jax.tree_util` key path or a sequence of names.
+  """
+  names = [str(getattr(k, "key", k)) for k in path]
+  return any(site_lib.is_site_name(n) for n in names[:-1])

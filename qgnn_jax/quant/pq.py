@@ -1,0 +1,43 @@
+"""Pauta quantization (PQ, SPEC §1.1) as a registry entry: the lambda-sigma clipping range.
+
+Weights: the range of the weight itself (`pauta_range`), per output channel by default.
+Activations: the range of the current (global) batch, mu -+ lam sigma clipped to the
+batch's min/max, kept as an EMA by the site for evaluation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+
+from qgnn_jax.quant import integer, quantizers, sync
+from qgnn_jax.quant.registry import OperandSpec, Quantizer
+
+
+class RangeQuantizer(Quantizer):
+  """A uniform grid over a range taken from the data (shared by PQ and min-max)."""
+  tracks_range = True
+
+  def quantize(self, x, spec: OperandSpec, state):
+    return quantizers.fake_quant(x, state["lo"].astype(x.dtype), state["hi"].astype(x.dtype),
+                                 spec.bits, symmetric=spec.symmetric)
+
+  def integer(self, x, spec: OperandSpec, state):
+    return integer.quantize_int(x, spec.bits, state["lo"], state["hi"], symmetric=spec.symmetric)
+
+
+class PQ(RangeQuantizer):
+  name = "pq"
+
+  def weight_range(self, w, spec: OperandSpec):
+    return quantizers.pauta_range(w, lam=spec.lam, channel_axis=-1 if spec.per_channel else None,
+                                  symmetric=spec.symmetric)
+
+  def batch_range(self, x, spec: OperandSpec, axis_name: Optional[str] = None):
+    flat = sync.flat_stats_input(x, spec.per_channel)
+    mn, mx = sync.synced_min_max(flat, axis_name)
+    mean, std = sync.synced_mean_std(flat, axis_name)
+    if spec.symmetric:
+      a = jnp.minimum(jnp.abs(mean) + spec.lam * std, jnp.maximum(-mn, mx))
+      return -a, a
+    return jnp.maximum(mean - spec.lam * std, mn), jnp.minimum(mean + spec.lam * std, mx)

@@ -1,0 +1,143 @@
+"""The quantizer registry: one protocol, one entry per quantization method.
+
+A quantizer site (`qgnn_jax.qat`) never knows which method it runs: it asks the entry
+named by its rule for
+
+  * ``init_params(x, spec)``: the learnable parameters (float32, in Flax ``params``),
+    initialised from a sample of the operand (LSQ's step; ``{}`` for range methods);
+  * ``weight_range(w, spec)`` / ``batch_range(x, spec, axis_name)``: the clipping range
+    of a weight tensor, or of the current batch of activations synchronised over a pmap
+    axis (``tracks_range`` entries only: the site keeps an EMA of the batch range in
+    ``quant_stats`` and evaluates with it);
+  * ``quantize(x, spec, state)``: the fake-quant forward with its straight-through
+    gradient (``state`` = learnable params, plus ``lo``/``hi`` for range methods);
+  * ``integer(x, spec, state)``: the integer codes with their scale and zero point,
+    ``scale * (codes - zero_point) == quantize(x, spec, state)`` in the forward pass;
+  * ``learnable``: the names of its learnable parameters (the optimiser gives them
+    their own learning rate and no weight decay).
+
+Operands reach an entry as arrays ``(..., C)`` with their channels on the last axis
+(weights as 2-D ``(N, C)``, C = output channels); per channel (``spec.per_channel``)
+statistics and parameters are per last-axis entry, per tensor over every element.
+Adding a quantizer is one module with a `Quantizer` subclass plus one line in
+`qgnn_jax/quant/__init__.py`; `register` adds one at run time (tests, user code).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Dict, Iterable, Optional, Tuple
+
+import jax
+
+from qgnn_jax.quant.quantizers import validate_bits, validate_lam
+
+Array = jax.Array
+State = Dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandSpec:
+  """How one operand (a weight or an input activation) of one op is quantized (static).
+
+  bits: int in [2, 16]. symmetric: grid [-a, a] (zero exact) or [lo, hi].
+  per_channel: one range (or parameter set) per channel column of the (N, C) operand,
+    else one per tensor. lam: PQ's lambda (clip at mu +- lam sigma); other methods
+    ignore it. role: "weight" or "act" (for messages and for methods that treat them
+    differently).
+  """
+  bits: int = 4
+  symmetric: bool = False
+  per_channel: bool = False
+  lam: float = 2.5
+  role: str = "act"
+
+  def __post_init__(self):
+    validate_bits(self.bits)
+    validate_lam(self.lam)
+    if self.role not in ("weight", "act"):
+      raise ValueError(f"role={self.role!r}; valid: 'weight', 'act'")
+
+
+class Quantizer:
+  """Base class of a registry entry (stateless; instances are hashable and static).
+
+  Subclasses set `name`, `learnable` and `tracks_range`, and implement `quantize`
+  and `integer`, plus `weight_range`/`batch_range` when `tracks_range` or
+  `init_params` when `learnable` is non-empty.
+  """
+  name: ClassVar[str] = ""
+  learnable: ClassVar[Tuple[str, ...]] = ()
+  tracks_range: ClassVar[bool] = False
+
+  def init_params(self, x: Array, spec: OperandSpec) -> State:
+    """Learnable parameters (float32) from a sample x (..., C); no gradient."""
+    del x, spec
+    return {}
+
+  def weight_range(self, w: Array, spec: OperandSpec) -> Tuple[Array, Array]:
+    """(lo, hi) of a weight (N, C): (1, C) per channel, () per tensor; no gradient."""
+    raise NotImplementedError(f"quantizer {self.name!r} takes no range from its input")
+
+  def batch_range(self, x: Array, spec: OperandSpec,
+                  axis_name: Optional[str] = None) -> Tuple[Array, Array]:
+    """(lo, hi) float32 of a batch x (..., C): (C,) per channel, () per tensor, of the
+    global batch when `axis_name` names a pmap axis; no gradient."""
+    raise NotImplementedError(f"quantizer {self.name!r} takes no range from its input")
+
+  def quantize(self, x: Array, spec: OperandSpec, state: State) -> Array:
+    """Fake-quantized x (any shape), same dtype; straight-through gradient (custom_vjp)."""
+    raise NotImplementedError
+
+  def integer(self, x: Array, spec: OperandSpec, state: State) -> Tuple[Array, Array, Array]:
+    """(codes int32 x.shape, scale, zero_point) with scale * (codes - zp) == quantize."""
+    raise NotImplementedError
+
+  def __hash__(self):
+    return hash((type(self), self.name))
+
+  def __eq__(self, other):
+    return type(self) is type(other) and self.name == other.name
+
+  def __repr__(self):
+    return f"{type(self).__name__}({self.name!r})"
+
+
+class Registry:
+  """Name -> Quantizer. `get` errors list the valid names."""
+
+  def __init__(self, entries: Iterable[Quantizer] = ()):
+    self._entries: Dict[str, Quantizer] = {}
+    for q in entries:
+      self.register(q)
+
+  def register(self, quantizer: Quantizer) -> Quantizer:
+    """Adds an entry; its name must be new. Returns it."""
+    if not isinstance(quantizer, Quantizer) or not quantizer.name:
+      raise TypeError(f"need a Quantizer subclass instance with a name, got {quantizer!r}")
+    if quantizer.name in self._entries:
+      raise ValueError(f"a quantizer named {quantizer.name!r} is already registered")
+    if quantizer.name == "fp" or "+" in quantizer.name:
+      raise ValueError(f"quantizer name {quantizer.name!r} is reserved ('fp', no '+')")
+    self._entries[quantizer.name] = quantizer
+    return quantizer
+
+  def unregister(self, name: str) -> None:
+    self.get(name)
+    del self._entries[name]
+
+  def get(self, name: str) -> Quantizer:
+    if name not in self._entries:
+      raise ValueError(f"unknown quantizer {name!r}; valid: {self.names()}")
+    return self._entries[name]
+
+  def names(self) -> Tuple[str, ...]:
+    return tuple(self._entries)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._entries
+
+  def resolve(self, quantizer) -> Optional[Quantizer]:
+    """A name, an instance or None (full precision) -> the entry or None."""
+    if quantizer is None or isinstance(quantizer, Quantizer):
+      return quantizer
+    return self.get(quantizer)
