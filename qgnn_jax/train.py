@@ -286,9 +286,6 @@ def make_eval_step(model: Model, mode: str) -> Callable[[TrainState, Batch], Dic
 
 
 def shard_batch(batch: Dict[str, Any], num_devices: int) -> Dict[str, Any]:
-  """(B, ...) -> (D, B/D, ...); B must divide by D."""
-  b = jax.tree.leaves(batch)[0].shape[0]
-  if b % num_devices:
-    raise ValueError(f"batch size {b} is not divisible by the {num_devices} devices; "
-                     f"use a multiple of {num_devices}")
-  return jax.tree.map(lambda x: x.reshape((num_devices, b // num_devices) + x.shape[1:]), batch)
+  """(B, ...) -> (D, B/D, ...); B must divide by D (`qgnn_jax.data.sharding.shard_batch`)."""
+  from qgnn_jax.data import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.shard_batch(batch, num_devices)
