@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ITEM = "state"
+DATA = "data"  # the input iterator's state (JSON), written once (by process 0)
 Path = Tuple[str, ...]
 
 
@@ -100,7 +101,8 @@ def make_manager(directory: str, max_to_keep: int = 3,
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          save_interval_steps=save_interval_steps, create=True)
   return ocp.CheckpointManager(directory, options=options,
-                               item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+                               item_handlers={ITEM: ocp.StandardCheckpointHandler(),
+                                              DATA: ocp.JsonCheckpointHandler()})
 
 
 def _sanitize(state: Any) -> Any:
@@ -108,7 +110,8 @@ def _sanitize(state: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False,
+         data_state: Optional[Dict[str, Any]] = None) -> bool:
   """Saves ``state`` (a host pytree of arrays) as step ``step`` and waits for it.
 
   Args:
@@ -117,6 +120,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
     state: pytree (flax struct dataclass, dicts, optax states) of arrays; pass the
       unreplicated state (``jax.device_get(unreplicate(rstate))``).
     force: write even if ``step`` is not a multiple of ``save_interval_steps``.
+    data_state: the input iterator's state (a JSON-able dict, e.g.
+      ``qgnn_jax.data.iterator_state``), saved beside ``state``; read back with
+      :func:`restore_data_state`.
   Returns:
     whether a checkpoint was written; a step that already exists is not written
     again (a run resumed from its final checkpoint saves the same state).
@@ -126,8 +132,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
     raise ValueError(f"step={step} must be >= 0")
   if step in manager.all_steps():
     return False
-  saved = manager.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(
-      _sanitize(state))}), force=force)
+  items = {ITEM: ocp.args.StandardSave(_sanitize(state))}
+  if data_state is not None:
+    items[DATA] = ocp.args.JsonSave(dict(data_state))
+  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
   manager.wait_until_finished()
   return bool(saved)
 
@@ -203,6 +211,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Tuple[Any, Op
   if step is None:
     return None, None
   return _restore_step(manager, step, target), int(step)
+
+
+def restore_data_state(manager: ocp.CheckpointManager, step: int) -> Optional[Dict[str, Any]]:
+  """The input iterator's state saved with ``step``, or None (a checkpoint without one).
+
+  Raises:
+    CheckpointError: the data item exists but cannot be read.
+  """
+  if not os.path.isdir(os.path.join(str(manager.directory), str(int(step)), DATA)):
+    return None
+  try:
+    return dict(manager.restore(int(step), args=ocp.args.Composite(**{
+        DATA: ocp.args.JsonRestore()}))[DATA])
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{_describe(manager, step)}: its '{DATA}' item (the input "
+                          f"iterator's state) is unreadable: {type(e).__name__}: {e}") from e
 
 
 def resolve_checkpoint_dir(directory: str) -> str:
