@@ -121,24 +121,18 @@ def _learnable(scope, entry: Quantizer, role: str, sample: jax.Array, spec: Oper
 
 def _quantize_weight(scope, entry: Quantizer, spec: OperandSpec, w: jax.Array,
                      channel_axes: Sequence[int], calibrate: bool) -> jax.Array:
-  if spec.per_channel:
-    w2, how = to_channels_last(w, channel_axes)
-    if w2.ndim != 2:
-      w2 = w2.reshape(-1, w2.shape[-1])
-  else:
-    w2, how = w, None
+  w2, how = to_channels_last(w, channel_axes)
   state = _learnable(scope, entry, "w", w2, spec, calibrate)
   if entry.tracks_range:
     lo, hi = entry.weight_range(w2, spec)
     state = {**state, "lo": lo, "hi": hi}
-  out = entry.quantize(w2, spec, state)
-  return from_channels_last(out, how) if how is not None else out
+  return from_channels_last(entry.quantize(w2, spec, state), how)
 
 
 def _quantize_act(scope, entry: Quantizer, spec: OperandSpec, rule: QuantRule, x: jax.Array,
                   channel_axes: Sequence[int], settings: CallSettings,
                   initializing: bool) -> jax.Array:
-  x2, how = (to_channels_last(x, channel_axes) if spec.per_channel else (x, None))
+  x2, how = to_channels_last(x, channel_axes)
   state = _learnable(scope, entry, "a", x2, spec, settings.calibrate)
   if entry.tracks_range:
     shape = (x2.shape[-1],) if spec.per_channel else ()
@@ -159,8 +153,7 @@ def _quantize_act(scope, entry: Quantizer, spec: OperandSpec, rule: QuantRule, x
       lo = jnp.where(have_ema, lo_v.value, lo_b)
       hi = jnp.where(have_ema, hi_v.value, hi_b)
     state = {**state, "lo": lo, "hi": hi}
-  out = entry.quantize(x2, spec, state)
-  return from_channels_last(out, how) if how is not None else out
+  return from_channels_last(entry.quantize(x2, spec, state), how)
 
 
 def quantize_operands(module: nn.Module, site_index: int, rule: QuantRule,

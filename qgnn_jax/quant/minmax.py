@@ -15,7 +15,8 @@ class MinMax(RangeQuantizer):
   name = "minmax"
 
   def weight_range(self, w, spec: OperandSpec):
-    return quantizers.minmax_range(w, channel_axis=-1 if spec.per_channel else None,
+    return quantizers.minmax_range(w.reshape(-1, w.shape[-1]),
+                                   channel_axis=-1 if spec.per_channel else None,
                                    symmetric=spec.symmetric)
 
   def batch_range(self, x, spec: OperandSpec, axis_name: Optional[str] = None):

@@ -30,7 +30,8 @@ class PQ(RangeQuantizer):
   name = "pq"
 
   def weight_range(self, w, spec: OperandSpec):
-    return quantizers.pauta_range(w, lam=spec.lam, channel_axis=-1 if spec.per_channel else None,
+    w2 = w.reshape(-1, w.shape[-1])
+    return quantizers.pauta_range(w2, lam=spec.lam, channel_axis=-1 if spec.per_channel else None,
                                   symmetric=spec.symmetric)
 
   def batch_range(self, x, spec: OperandSpec, axis_name: Optional[str] = None):

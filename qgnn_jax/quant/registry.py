@@ -17,8 +17,9 @@ named by its rule for
     their own learning rate and no weight decay).
 
 Operands reach an entry as arrays ``(..., C)`` with their channels on the last axis
-(weights as 2-D ``(N, C)``, C = output channels); per channel (``spec.per_channel``)
-statistics and parameters are per last-axis entry, per tensor over every element.
+(C = a weight's output channels, an activation's input channels of the op); per channel
+(``spec.per_channel``) statistics and parameters are per last-axis entry, per tensor over
+every element.
 Adding a quantizer is one module with a `Quantizer` subclass plus one line in
 `qgnn_jax/quant/__init__.py`; `register` adds one at run time (tests, user code).
 """
@@ -75,7 +76,8 @@ class Quantizer:
     return {}
 
   def weight_range(self, w: Array, spec: OperandSpec) -> Tuple[Array, Array]:
-    """(lo, hi) of a weight (N, C): (1, C) per channel, () per tensor; no gradient."""
+    """(lo, hi) of a weight (..., C): broadcastable to it (e.g. (1, C) per channel, ()
+    per tensor); no gradient."""
     raise NotImplementedError(f"quantizer {self.name!r} takes no range from its input")
 
   def batch_range(self, x: Array, spec: OperandSpec,
