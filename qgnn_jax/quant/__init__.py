@@ -9,7 +9,7 @@ Registry (`registry.py`): QUANTIZERS maps a method name to its entry (`Quantizer
 `register` adds one at run time.
 """
 
-from qgnn_jax.quant import lsq, minmax, pq
+from qgnn_jax.quant import lsq, minmax, n2uq, pq
 from qgnn_jax.quant.integer import (dequantize, pack_bits, packed_nbytes, quantize_int,
                                     unpack_bits)
 from qgnn_jax.quant.quantizers import (LSQ_MIN_STEP, MAX_BITS, MIN_BITS, check_finite,
@@ -23,6 +23,7 @@ QUANTIZERS = Registry([
     pq.PQ(),
     minmax.MinMax(),
     lsq.LSQ(),
+    n2uq.N2UQ(),
 ])
 register = QUANTIZERS.register
 unregister = QUANTIZERS.unregister

@@ -92,6 +92,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qgnn_jax.quant.registry import OperandSpec, Quantizer
 from qgnn_jax.quant.quantizers import (Array, ArrayLike, _as_float, _compute_dtype,
                                        _concrete, _nonfinite_counts,
                                        _raise_nonfinite)
@@ -106,7 +107,7 @@ N2UQ_INIT_MIN_STEP = 1e-5
 N2UQ_INIT_LAM = 3.0
 PARAM_KEYS = ("start", "widths", "step")
 
-__all__ = ["N2UQ_MIN_BITS", "N2UQ_MAX_BITS", "N2UQ_MIN_WIDTH", "n2uq_init",
+__all__ = ["N2UQ", "N2UQ_MIN_BITS", "N2UQ_MAX_BITS", "N2UQ_MIN_WIDTH", "n2uq_init",
            "n2uq_quantize", "n2uq_int"]
 
 
@@ -356,3 +357,21 @@ def n2uq_int(x: ArrayLike, params: Dict[str, ArrayLike], bits: int,
   if check and x.size:
     _raise_nonfinite(bad, ("x", "params['start']", "params['widths']", "params['step']"))
   return codes, scale, zp
+
+
+class N2UQ(Quantizer):
+  """N2UQ as a registry entry: learnable thresholds (start, widths) and output step, one
+  set per tensor, initialised from the first sample. The grid is signed for weights and
+  activations alike: the ops ViG quantizes take BN or GELU outputs, both with negatives
+  (the paper's unsigned grid follows a ReLU-like activation)."""
+  name = "n2uq"
+  learnable = PARAM_KEYS
+
+  def init_params(self, x, spec: OperandSpec):
+    return n2uq_init(x, spec.bits, signed=True)
+
+  def quantize(self, x, spec: OperandSpec, state):
+    return n2uq_quantize(x, {k: state[k] for k in PARAM_KEYS}, spec.bits, signed=True)
+
+  def integer(self, x, spec: OperandSpec, state):
+    return n2uq_int(x, {k: state[k] for k in PARAM_KEYS}, spec.bits, signed=True)
