@@ -2,6 +2,13 @@
 
     python -m experiments.run                                    # quick start (digits)
     python -m experiments.run --config experiments/configs/fashion_mnist_fp.py --workdir runs/fm
+
+Multi-process (README, "Several processes and hosts"): every process runs the same command
+with the same workdir (shared file system) plus, when launched by hand,
+
+    --coordinator_address HOST:PORT --num_processes N --process_id I
+
+(under SLURM `srun`, Open MPI `mpirun` or on a TPU pod slice JAX finds these itself).
 """
 import os
 
@@ -13,17 +20,43 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "quickstart.py"), "Config file (get_config()).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process: HOST:PORT of process 0's coordinator (all processes pass "
+                    "the same).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes N.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's id in [0, N).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "auto: join JAX's distributed runtime when the three flags above are given "
+                  "or SLURM / Open MPI / a TPU pod slice runs several processes; on: always "
+                  "(JAX detects the cluster); off: never.")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "Multi-process: seconds without a heartbeat before a process counts as "
+                     "dead and the others stop.")
+flags.DEFINE_integer("distributed_init_timeout_s", 300,
+                     "Multi-process: seconds to wait for every process to join.")
 
 
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from qgnn_jax import distributed  # pylint: disable=g-import-not-at-top
+  fl = flags.FLAGS
+  try:
+    distributed.initialize(fl.distributed, fl.coordinator_address, fl.num_processes,
+                           fl.process_id, heartbeat_timeout_s=fl.heartbeat_timeout_s,
+                           init_timeout_s=fl.distributed_init_timeout_s)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   from qgnn_jax import experiment  # heavy imports after flag parsing
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS["config"])))[0])
-  experiment.run_pipeline(config, workdir)
+  try:
+    experiment.run_pipeline(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    distributed.exit_on_error(e)  # multi-process: one clear message, exit 1, no hang
+    raise
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import data as data_lib
+from qgnn_jax import distributed
 from qgnn_jax import train as train_lib
 from qgnn_jax.recipe import build_model, loss_config, model_size_bytes, parse_method
 
@@ -33,18 +34,24 @@ RESULT_KEYS = ("dataset", "model", "method", "w_bits", "a_bits", "seed", "top1",
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (flushed each write)."""
+  """Appends one JSON object per line to workdir/metrics.jsonl (flushed each write).
 
-  def __init__(self, path: str):
-    self._f = open(path, "a", encoding="utf-8")
+  ``enabled=False`` (processes other than 0 of a multi-process run) writes nothing.
+  """
+
+  def __init__(self, path: str, enabled: bool = True):
+    self._f = open(path, "a", encoding="utf-8") if enabled else None
 
   def write(self, record: Dict[str, Any]) -> None:
+    if self._f is None:
+      return
     self._f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v)
                               for k, v in record.items()}) + "\n")
     self._f.flush()
 
   def close(self) -> None:
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 def evaluate(eval_step, state, batches) -> Dict:
@@ -85,8 +92,14 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
   Returns {"train": start_step -> iterator, "eval": () -> one-pass iterator,
   "info", "steps_per_epoch", "eval_split"}. Small datasets are held in memory;
   `DatasetInfo.streamed` ones (imagenette, imagenet2012) stream from tfds.
+  `config.batch_size` is the global batch: each of the P processes reads its
+  B/P examples of every batch (`data_lib.shard_bounds`), split over its
+  `num_devices` devices, and gets them on its devices (prefetched).
   """
   info = data_lib.get_info(config.dataset)
+  shard, shards = data_lib.process_shard()
+  data_lib.check_batching(1, config.batch_size, num_devices, shards)
+  data_lib.check_batching(1, config.eval_batch_size, num_devices, shards)
   data_dir = config.data_dir or None
   if config.eval_on not in ("auto", "test", "validation"):
     raise ValueError(f"eval_on={config.eval_on!r}; valid: 'auto', 'test', 'validation'")
@@ -95,10 +108,12 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
       raise ValueError(f"val_holdout is not supported for streamed dataset {config.dataset!r}")
     n = data_lib.num_examples(config.dataset, "train", data_dir)
     return {
-        "train": lambda start: data_lib.stream_train_batches(
-            config.dataset, config.batch_size, config.seed, start, num_devices, data_dir),
-        "eval": lambda: data_lib.stream_eval_batches(
-            config.dataset, config.eval_batch_size, num_devices, data_dir),
+        "train": lambda start: data_lib.prefetch(data_lib.stream_train_batches(
+            config.dataset, config.batch_size, config.seed, start, num_devices, data_dir,
+            shard_index=shard, shard_count=shards)),
+        "eval": lambda: data_lib.prefetch(data_lib.stream_eval_batches(
+            config.dataset, config.eval_batch_size, num_devices, data_dir,
+            shard_index=shard, shard_count=shards)),
         "info": info, "steps_per_epoch": n // config.batch_size, "eval_split": info.eval_split}
   splits = data_lib.load_splits(config.dataset, data_dir, val_holdout=int(config.val_holdout))
   (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
@@ -114,18 +129,27 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
   return {
       "train": lambda start: data_lib.train_batches(
           x_train, y_train, info, config.batch_size, config.seed, start_step=start,
-          augment=bool(config.augment), num_devices=num_devices),
+          augment=bool(config.augment), num_devices=num_devices, shard_index=shard,
+          shard_count=shards, device_put=True),
       "eval": lambda: data_lib.eval_batches(x_eval, y_eval, info, config.eval_batch_size,
-                                            num_devices),
+                                            num_devices, shard_index=shard, shard_count=shards,
+                                            device_put=True),
       "info": info, "steps_per_epoch": len(x_train) // config.batch_size,
       "eval_split": eval_split}
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Runs (or resumes) one training job; returns the results.json dict."""
+  """Runs (or resumes) one training job; returns the results.json dict.
+
+  In a multi-process run every process calls it with the same config and workdir (a
+  file system all processes share); process 0 alone writes config.json,
+  metrics.jsonl, progress.json and results.json, and orbax writes each checkpoint once.
+  """
+  main = distributed.is_main_process()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  if main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   num_devices = jax.local_device_count()
   data = input_pipeline(config, num_devices)
   info, steps_per_epoch, eval_split = data["info"], data["steps_per_epoch"], data["eval_split"]
@@ -139,12 +163,19 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       config.optimizer, config.lr, total_steps, warmup, config.weight_decay,
       quant_lr=(config.quant_lr if config.quant_lr > 0 else None),
       grad_clip=(config.grad_clip or None))
-  first = next(data["train"](0))
-  sample = jnp.asarray(np.asarray(first["image"]).reshape((-1,) + first["image"].shape[2:]))
+  it0 = data["train"](0)
+  first = next(it0)
+  if hasattr(it0, "close"):
+    it0.close()
+  # The whole first global batch (every process's shard, in process order): calibration
+  # must see the same images on every process and for every process count.
+  sample = jnp.asarray(distributed.allgather(
+      np.asarray(first["image"]).reshape((-1,) + first["image"].shape[2:])))
   state = train_lib.create_state(init_model, tx, sample[:2], jax.random.key(config.seed))
 
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   restored, start_step = ckpt.restore_latest(manager, state)
+  data_state = None if restored is None else ckpt.restore_data_state(manager, start_step)
   fp_top1 = None
   progress_path = os.path.join(workdir, "progress.json")
   prev_seconds = 0.0
@@ -167,20 +198,23 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   train_step = train_lib.make_train_step(model, tx, loss_cfg, info.num_classes)
   eval_mode = "quant" if method.quantized else "fp"
   eval_step = train_lib.make_eval_step(model, eval_mode)
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=main)
 
   def save(step, seconds):
-    ckpt.save(manager, step, state_host(), force=True)
-    with open(progress_path, "w") as f:
-      json.dump({"step": step, "train_seconds": seconds, "fp_top1": fp_top1}, f)
+    ckpt.save(manager, step, state_host(), force=True,
+              data_state=data_lib.iterator_state(batches, step))
+    if main:
+      with open(progress_path, "w") as f:
+        json.dump({"step": step, "train_seconds": seconds, "fp_top1": fp_top1}, f)
 
   rstate = train_lib.replicate(state, num_devices)
   state_host = lambda: jax.device_get(train_lib.unreplicate(rstate))
   stop_at = int(config.stop_at_step) or total_steps
-  batches = data_lib.prefetch(data["train"](start_step))
+  batches = data["train"](start_step)  # on the devices, prefetched
+  data_lib.restore_iterator(batches, data_state, start_step)
   t0, seconds = time.perf_counter(), prev_seconds
   bar = tqdm(total=total_steps, initial=start_step, desc=f"{config.method} {config.model}",
-             disable=not config.progress, dynamic_ncols=True)
+             disable=not (config.progress and main), dynamic_ncols=True)
   step = start_step
   try:
     for step in range(start_step, min(stop_at, total_steps)):
@@ -226,10 +260,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       "fp_top1": None if fp_top1 is None else float(fp_top1),
       "train_steps": int(total_steps), "train_seconds": float(seconds), **sizes}
   # Written whole or not at all: its presence marks the run as done (experiments.sweep).
-  tmp = os.path.join(workdir, "results.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, "results.json"))
+  if main:
+    tmp = os.path.join(workdir, "results.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "results.json"))
   return results
 
 
@@ -265,6 +300,6 @@ def run_pipeline(config, workdir: str) -> list:
   else:
     rows.append((os.path.basename(os.path.normpath(workdir)), train_and_evaluate(config, workdir)))
   rows = [(n, r) for n, r in rows if r]
-  if rows:
+  if rows and distributed.is_main_process():
     print("\n" + summary_table(rows))
   return rows
