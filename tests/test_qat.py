@@ -346,3 +346,41 @@ def test_qwix_find_param_identifies_weights_as_we_use_it():
   m.apply(v, jnp.ones((2, 3)))
   jax.jit(m.apply)(v, jnp.ones((2, 3)))
   assert seen == [("kernel", None)] * 3
+
+
+def test_second_op_of_a_module_gets_its_own_site():
+  """Per-module op counting (qwix's private aux_data, keyed on the module's scope):
+  a module running two matmuls with its kernel gets sites `quant` and `quant1`, afresh
+  on every apply."""
+
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      k = self.param("kernel", nn.initializers.lecun_normal(), (4, 4))
+      dims = (((x.ndim - 1,), (0,)), ((), ()))
+      return jax.lax.dot_general(jax.lax.dot_general(x, k, dims), k, dims)
+
+  rule = qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq", w_bits=4, a_bits=4)
+  qm = qat.quantize_model(Twice(), [rule])
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+  v = qm.init(jax.random.key(0), x)
+  assert set(v["quant_stats"]) == {"quant", "quant1"}
+  _, upd = qm.apply(v, x, mutable=["quant_stats"])
+  _, upd = qm.apply({**v, **upd}, x, mutable=["quant_stats"])
+  assert int(upd["quant_stats"]["quant"]["a_count"]) == 2
+  assert int(upd["quant_stats"]["quant1"]["a_count"]) == 2
+
+
+def test_matmul_inside_a_nested_jit_is_refused_not_half_quantized():
+  class MatMul(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x @ self.param("kernel", nn.initializers.lecun_normal(), (4, 4))
+
+  rule = qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq")
+  x = jnp.ones((3, 4), jnp.float32)
+  with pytest.raises(ValueError, match="nested jit"):
+    jax.jit(lambda x: qat.quantize_model(MatMul(), [rule]).init(jax.random.key(0), x))(x)
+  # With a full-precision rule for that module, it runs.
+  qm = qat.quantize_model(MatMul(), [qat.full_precision(""), rule])
+  assert qm.apply(qm.init(jax.random.key(0), x), x).shape == (3, 4)

@@ -47,6 +47,27 @@ def _module_path(module: nn.Module) -> str:
   return "/".join(map(str, module.path))
 
 
+def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
+  """True when x is a param of `module` (qwix's find_param), traced where the module runs.
+
+  Raises for an op traced inside a nested jit (jnp.dot, jnp.matmul and `@` are jitted
+  functions): its quantizer state would be created in the wrong trace and the jit cache
+  would replay the first call's program for the module's later ops.
+  """
+  name = qwix_flax_util.find_param(x)
+  if name is None:
+    return False
+  value = module.scope.get_variable("params", name)
+  if isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is not \
+      getattr(value, "_trace", None):
+    raise ValueError(
+        f"qgnn_jax.qat: module {_module_path(module)!r} runs {op_name} on its param {name!r} "
+        f"inside a nested jit (jnp.dot, jnp.matmul and `@` are jitted): quantize it through "
+        f"nn.Dense / nn.DenseGeneral / nn.Conv / nn.Einsum, jax.lax.dot_general or jnp.einsum, "
+        f"or give that module a full-precision rule (qat.full_precision)")
+  return True
+
+
 def _next_site_index(module: nn.Module) -> int:
   """0, 1, 2, ... for the ops a module's scope runs during one apply."""
   from qwix._src import aux_data  # private helper of qwix, as qwix's own op ids use it
@@ -94,9 +115,9 @@ class _Provider(qwix.QuantizationProvider):
     if rule is None:
       return op(lhs, rhs)
     (lc, rc), (lb, rb) = dimension_numbers
-    if qwix_flax_util.find_param(rhs) is not None:
+    if _is_weight(module, rhs, "dot_general"):
       x, w, xc, wc, w_is_rhs = lhs, rhs, tuple(lc) + tuple(lb), tuple(rc), True
-    elif qwix_flax_util.find_param(lhs) is not None:
+    elif _is_weight(module, lhs, "dot_general"):
       x, w, xc, wc, w_is_rhs = rhs, lhs, tuple(rc) + tuple(rb), tuple(lc), False
     else:
       self._no_weight(module, "dot_general")
@@ -114,7 +135,7 @@ class _Provider(qwix.QuantizationProvider):
     rule, module = self._rule("conv_general_dilated")
     if rule is None:
       return op(lhs, rhs)
-    if qwix_flax_util.find_param(rhs) is None:
+    if not _is_weight(module, rhs, "conv_general_dilated"):
       self._no_weight(module, "conv_general_dilated")
       return op(lhs, rhs)
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -132,7 +153,7 @@ class _Provider(qwix.QuantizationProvider):
       return jnp.einsum(subscripts, *operands, **kwargs)
     inputs, _, output = subscripts.replace(" ", "").partition("->")
     specs = inputs.split(",")
-    found = [qwix_flax_util.find_param(o) is not None for o in operands]
+    found = [_is_weight(module, o, "einsum") for o in operands]
     if not any(found) or not output:
       self._no_weight(module, "einsum")
       return jnp.einsum(subscripts, *operands, **kwargs)
