@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 from ml_collections import config_flags
+from qgnn_jax import quant
 
 config_flags.DEFINE_config_file("config", None, "Ablation config (get_config()).")
 flags.DEFINE_string("workdir", "runs/ablation", "Where the runs' workdirs go.")
@@ -181,7 +182,9 @@ def main_cells(cfg) -> List[Tuple[int, int]]:
 # Grid fields are read by both range quantizers: a winner found with pq also sets min-max's
 # grid, so that claim (1) compares range estimators on one grid. LSQ has its own signed grid.
 GRID_FIELDS = frozenset({"w_symmetric", "a_symmetric", "w_granularity", "a_granularity"})
-RANGE_QUANTIZERS = frozenset({"minmax", "pq"})
+# The registry entries whose grid comes from a data range (the grid fields apply to them).
+RANGE_QUANTIZERS = frozenset(n for n in quant.QUANTIZERS.names()
+                             if quant.QUANTIZERS.get(n).tracks_range)
 
 
 def winner_applies(swept: Sequence[Tuple[str, str]], field: str, method: str) -> bool:
@@ -189,7 +192,7 @@ def winner_applies(swept: Sequence[Tuple[str, str]], field: str, method: str) ->
 
   A field swept with method M (e.g. aqd_alpha with pq+aqd) belongs to every method that has
   all of M's parts (pq+aqd, pq+aqd+sqd), not to the others: a minmax run is not redone
-  because AQD's alpha changed. Grid fields (GRID_FIELDS) count min-max and pq as one part.
+  because AQD's alpha changed. Grid fields (GRID_FIELDS) count the range quantizers (min-max, pq) as one part.
   """
   parts = set(method.split("+"))
   if field in GRID_FIELDS and parts & RANGE_QUANTIZERS:
