@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 from ml_collections import config_flags
+
 from qgnn_jax import quant
 
 config_flags.DEFINE_config_file("config", None, "Ablation config (get_config()).")
