@@ -6,21 +6,26 @@ kernels are compiled (threefry compiles slowly on CPU); one test runs a real
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import traverse_util
+
 from helpers import host_variables
-from qgnn_jax.layers import QuantConfig
-from qgnn_jax.models import (INPUT_SHAPES, MODELS, count_params, create_model, forward_flops,
-                             input_shape)
+from qgnn_jax import distill, qat
+from qgnn_jax.models import (FEATURE_TAPS, INPUT_SHAPES, LAYER_GROUPS, MODELS, count_params,
+                             create_model, forward_flops, input_shape)
 from qgnn_jax.models.vig import ViG
 from qgnn_jax.models.pvig import (PyramidViG, bicubic_matrix, relative_pos_bias,
                                   relative_pos_entries)
 
 SLOW = pytest.mark.slow
+PQ44 = qat.QuantRule(module_path=LAYER_GROUPS["body"], w_quantizer="pq", a_quantizer="pq",
+                     w_bits=4, a_bits=4)
 
 
 def _images(name, batch=2, seed=0):
@@ -28,16 +33,35 @@ def _images(name, batch=2, seed=0):
       np.float32)
 
 
+def _block_features(intermediates):
+  """The block outputs AQD distils (`distill.FeatureTaps(FEATURE_TAPS)`), each (B, N, C), in
+  execution order: grapher0, ffn0, grapher1, ... (collect returns module-path order)."""
+  feats = distill.FeatureTaps(FEATURE_TAPS).collect(intermediates)
+  flat = traverse_util.flatten_dict(dict(intermediates), sep="/")
+  names = sorted(p.rpartition("/")[0] for p in flat if p.endswith("/__call__")
+                 and re.fullmatch(FEATURE_TAPS, p.rpartition("/")[0]))
+  assert len(names) == len(feats), names
+  order = sorted(range(len(names)), key=lambda i: (int(re.search(r"\d+$", names[i]).group()),
+                                                   names[i].startswith("ffn")))
+  return [feats[i] for i in order]
+
+
 def _forward_backward(model, variables, x, mode="fp"):
-  """One jitted train-mode step: logits, block features, new BN stats, grads of a loss."""
+  """One jitted train-mode step: logits, block features, new BN stats, grads of a loss.
+
+  model: a plain model (run as `qat.quantize_model(model, ())`) or a QuantizedModel."""
+  qm = model if isinstance(model, qat.QuantizedModel) else qat.quantize_model(model, ())
+  taps = distill.FeatureTaps(FEATURE_TAPS)
 
   @jax.jit
   def step(variables, x):
     def loss(params):
-      (logits, feats), new_state = model.apply(
-          {**variables, "params": params}, x, train=True, mode=mode, return_features=True,
-          mutable=["batch_stats", "quant_stats"],
+      logits, new_state = qm.apply(
+          {**variables, "params": params}, x, train=True, mode=mode,
+          capture_intermediates=taps.capture,
+          mutable=["batch_stats", "quant_stats", "intermediates"],
           rngs={"dropout": jax.random.PRNGKey(1), "quant": jax.random.PRNGKey(2)})
+      feats = _block_features(new_state.pop("intermediates"))
       return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, feats, new_state)
 
     return jax.value_and_grad(loss, has_aux=True)(variables["params"])
@@ -104,9 +128,11 @@ def test_registry_names_and_errors():
   assert input_shape("vig_ti_32") == (32, 32, 3) and input_shape("vig_digits") == (8, 8, 1)
   with pytest.raises(ValueError, match="unknown model: 'vig_huge'"):
     input_shape("vig_huge")
-  model = create_model("pvig_ti_224", 10, QuantConfig.from_method("pq", 4, 4), axis_name="batch")
-  assert isinstance(model, PyramidViG) and model.num_classes == 10
-  assert model.cfg.w_quantizer == "pauta" and model.axis_name == "batch"
+  model = create_model("pvig_ti_224", 10, axis_name="batch")
+  assert isinstance(model, PyramidViG) and model.num_classes == 10 and model.axis_name == "batch"
+  qm = qat.quantize_model(model, (PQ44,))
+  assert qm.original is model and qm.quantized and qm.rules[0].w_quantizer == "pq"
+  assert not qat.quantize_model(model, ()).quantized
   with pytest.raises(ValueError, match="unknown model"):
     create_model("vig_huge", 10)
   with pytest.raises(ValueError, match="num_classes"):
@@ -189,9 +215,9 @@ def test_224_variant_forward_backward(name):
   _check_features(model, feats, x)
 
 
-def _tiny_vig(cfg=None, **kw):
+def _tiny_vig(**kw):
   return ViG(num_classes=10, dim=16, depth=1, k=3, stem_strides=(2,), stem_channels=(16,),
-             head_hidden=8, cfg=cfg or QuantConfig(), **kw)
+             head_hidden=8, **kw)
 
 
 def test_real_init_matches_eval_shape():
@@ -210,7 +236,7 @@ def test_real_init_matches_eval_shape():
 
 def test_quantized_small_model_trains():
   """W4A4 PQ in quant mode: finite straight-through gradients, EMA ranges updated (5 sites)."""
-  model = _tiny_vig(QuantConfig.from_method("pq", 4, 4))
+  model = qat.quantize_model(_tiny_vig(), (PQ44,))
   x = _images("vig_digits")
   variables = host_variables(model, x, step=0.1)
   _, logits, _, new_state, grads = _forward_backward(model, variables, x, mode="quant")
@@ -238,6 +264,11 @@ def test_tiny_pyramid_forward_backward():
   assert "downsample0" not in variables["params"]
   feats = _check_step(model, "tiny pyramid", x)
   _check_pyramid_features(model, feats, x)
+  # The body rule reaches every block and the Downsample convs, not the stem or the head.
+  sites = jax.eval_shape(qat.quantize_model(model, (PQ44,)).init, jax.random.PRNGKey(0),
+                         x)["quant_stats"]
+  assert set(sites) == {f"{b}{i}" for b in ("grapher", "ffn") for i in range(4)} | {
+      "downsample1", "downsample2", "downsample3"}
 
 
 def test_pyramid_rejects_too_small_grid():
