@@ -1,4 +1,4 @@
-"""Tests of qgnn_jax.data: sources, errors, deterministic resumable batching, prefetch.
+"""Tests of qgnn_jax.data: sources, errors, deterministic resumable sharded batching, prefetch.
 
 The tfds tests run under ``tfds.testing.mock_data`` (policy USE_CODE: examples are
 generated from the features declared in tfds' code, so no metadata files and no
@@ -93,6 +93,20 @@ def test_idx_bad_file(tmp_path):
     data.read_idx(str(tmp_path / "train-images-idx3-ubyte"))
 
 
+def test_idx_truncated_gzip_names_the_file(tmp_path):
+  _fake_idx_dir(tmp_path / "fm", n_train=50)
+  path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: truncated gzip"):
+    data.read_idx(str(path))
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    data.load_arrays("fashion_mnist", "train", data_dir=str(tmp_path / "fm"))
+  path.write_bytes(b"not gzip at all")
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: not a valid gzip"):
+    data.read_idx(str(path))
+
+
 def test_missing_dataset_error(tmp_path, monkeypatch):
   monkeypatch.delenv("QGNN_DATA_DIR", raising=False)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
@@ -153,6 +167,105 @@ def test_augmentation_is_crop_and_flip():
     assert any(np.array_equal(out[i], c) or np.array_equal(out[i], c[:, ::-1]) for c in cands)
   noflip = data.augment_batch(x, keys, padding=0, flip=False)
   np.testing.assert_array_equal(noflip, x)
+
+
+def test_augmentation_keys_do_not_depend_on_the_split():
+  keys = data.example_keys(5, 17, np.arange(16))
+  assert keys.dtype == np.uint64 and len(set(keys.tolist())) == 16
+  np.testing.assert_array_equal(data.example_keys(5, 17, np.arange(8, 16)), keys[8:])
+  assert not np.array_equal(data.example_keys(5, 18, np.arange(16)), keys)
+  assert not np.array_equal(data.example_keys(6, 17, np.arange(16)), keys)
+  x, _ = _toy(16, hw=8, c=1)
+  whole = data.augment_batch(x, keys, padding=2, flip=True)
+  np.testing.assert_array_equal(data.augment_batch(x[8:], keys[8:], 2, True), whole[8:])
+  with pytest.raises(ValueError, match="one per image"):
+    data.augment_batch(x, keys[:3], 2, True)
+
+
+@pytest.mark.parametrize("shards,devices", [(2, 1), (2, 2), (4, 1)])
+def test_process_shards_concatenate_to_the_global_batch(shards, devices):
+  x, y = _toy(50, hw=8, c=1)
+  info = data.get_info("digits")
+  one = data.train_batches(x, y, info, 16, seed=2, num_devices=1, flip=True)
+  parts = [data.train_batches(x, y, info, 16, seed=2, num_devices=devices, flip=True,
+                              shard_index=p, shard_count=shards) for p in range(shards)]
+  for _ in range(7):  # 3 steps per epoch: crosses two epoch boundaries
+    ref = next(one)
+    got = [next(it) for it in parts]
+    assert got[0]["image"].shape == (devices, 16 // (shards * devices), 8, 8, 1)
+    image = np.concatenate([g["image"].reshape((-1, 8, 8, 1)) for g in got])
+    label = np.concatenate([g["label"].reshape(-1) for g in got])
+    np.testing.assert_array_equal(image, ref["image"].reshape((-1, 8, 8, 1)))
+    np.testing.assert_array_equal(label, ref["label"].reshape(-1))
+  with pytest.raises(ValueError, match=r"num_processes=3 x num_devices=2"):
+    data.train_batches(x, y, info, 16, seed=0, num_devices=2, shard_index=0, shard_count=3)
+  with pytest.raises(ValueError, match=r"shard_index=2 must be in \[0, 2\)"):
+    data.train_batches(x, y, info, 16, seed=0, shard_index=2, shard_count=2)
+
+
+def test_eval_shards_cover_the_split_once():
+  x, y = _toy(21, hw=8, c=1)
+  info = data.get_info("digits")
+  ref = list(data.eval_batches(x, y, info, batch_size=8))
+  parts = [list(data.eval_batches(x, y, info, 8, num_devices=2, shard_index=p, shard_count=2))
+           for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(ref) == 3  # the collectives pair up
+  assert sum(float(b["mask"].sum()) for part in parts for b in part) == 21
+  for b, (p0, p1) in enumerate(zip(*parts)):
+    for k in ("image", "label", "mask"):
+      got = np.concatenate([p0[k].reshape((4,) + p0[k].shape[2:]),
+                            p1[k].reshape((4,) + p1[k].shape[2:])])
+      np.testing.assert_array_equal(got, ref[b][k].reshape(got.shape))
+
+
+def test_step_sampler_is_a_grain_sampler():
+  s = data.StepSampler(10, 4, seed=1, shard_index=1, shard_count=2)
+  assert s.steps_per_epoch == 2 and s.shard_size == 2 and "shard_index=1" in repr(s)
+  perm0 = np.random.default_rng((1, 0)).permutation(10)
+  perm1 = np.random.default_rng((1, 1)).permutation(10)
+  np.testing.assert_array_equal(s.batch_indices(0), perm0[2:4])
+  np.testing.assert_array_equal(s.batch_indices(1), perm0[6:8])
+  np.testing.assert_array_equal(s.batch_indices(2), perm1[2:4])  # the remainder is dropped
+  meta = [s[i] for i in range(6)]
+  assert [m.record_key for m in meta] == [*perm0[2:4], *perm0[6:8], *perm1[2:4]]
+  assert [m.index for m in meta] == list(range(6))
+  with pytest.raises(ValueError, match=r"batch_size=11 must be in \[1, 10\]"):
+    data.StepSampler(10, 11, seed=0)
+
+
+def test_iterator_state_resumes_exactly():
+  x, y = _toy(50, hw=8, c=1)
+  info = data.get_info("digits")
+  it = data.train_batches(x, y, info, 16, seed=3)
+  stream = [next(it) for _ in range(5)]
+  state = data.iterator_state(it, 5)
+  assert state == {"next_index": 5}
+  with pytest.raises(RuntimeError, match="does not match step 4"):
+    data.iterator_state(it, 4)
+  more = next(it)
+  fresh = data.train_batches(x, y, info, 16, seed=3)
+  data.restore_iterator(fresh, state, 5)
+  np.testing.assert_array_equal(next(fresh)["image"], more["image"])
+  np.testing.assert_array_equal(next(data.train_batches(x, y, info, 16, 3, start_step=2))["image"],
+                                stream[2]["image"])
+  with pytest.raises(ValueError, match="not at its step 6"):
+    data.restore_iterator(fresh, state, 6)
+  data.restore_iterator(fresh, None, 6)  # a checkpoint without a data state: nothing to do
+  assert data.iterator_state(iter([]), 7) == {"next_index": 7}
+
+
+def test_device_put_places_batches_on_the_local_devices():
+  x, y = _toy(16, hw=8, c=1)
+  info = data.get_info("digits")
+  n = jax.local_device_count()
+  ref = next(data.train_batches(x, y, info, 2 * n, seed=0, num_devices=n))
+  it = data.train_batches(x, y, info, 2 * n, seed=0, num_devices=n, device_put=True)
+  b = next(it)
+  assert isinstance(b["image"], jax.Array) and len(b["image"].sharding.device_set) == n
+  np.testing.assert_array_equal(np.asarray(b["image"]), ref["image"])
+  assert data.iterator_state(it, 1) == {"next_index": 1}
+  with pytest.raises(ValueError, match="batch size 7 is not divisible by the 2 devices"):
+    data.shard_batch({"x": np.zeros((7, 3))}, 2)
 
 
 def test_holdout_disjoint_and_seed_independent():
@@ -256,3 +369,15 @@ def test_tfds_streamed_path(tfds_mock):
     evals = list(data.stream_eval_batches("imagenette", batch_size=4, data_dir=data_dir))
     assert [b["image"].shape for b in evals] == [(1, 4, 224, 224, 3)] * 2
     assert sum(float(b["mask"].sum()) for b in evals) == 6
+    # Two processes: each decodes its half of every global batch; together the same stream.
+    parts = [data.stream_train_batches("imagenette", 2, seed=0, data_dir=data_dir,
+                                       shard_index=p, shard_count=2) for p in range(2)]
+    for k in range(4):
+      got = np.concatenate([next(p)["image"][0] for p in parts])
+      np.testing.assert_allclose(got, batches[k]["image"].reshape(got.shape), atol=1e-5)
+    evs = [list(data.stream_eval_batches("imagenette", batch_size=4, data_dir=data_dir,
+                                         shard_index=p, shard_count=2)) for p in range(2)]
+    assert len(evs[0]) == len(evs[1]) == 2
+    assert sum(float(b["mask"].sum()) for ev in evs for b in ev) == 6
+    np.testing.assert_allclose(np.concatenate([evs[0][1]["image"][0], evs[1][1]["image"][0]]),
+                               evals[1]["image"][0], atol=1e-5)

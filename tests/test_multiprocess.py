@@ -135,7 +135,7 @@ def reference(tmp_path_factory, jax_cache):
   return _run(workdir, 1, 1, jax_cache, [f"--config.num_steps={STEPS}"])
 
 
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_two_processes_equal_one(tmp_path, reference, jax_cache, devices):
   workdir = _run(tmp_path / "run", 2, devices, jax_cache, [f"--config.num_steps={STEPS}"])
   _assert_same_run(workdir, reference)
