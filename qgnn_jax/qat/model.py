@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import qwix
 from absl import logging
-from qwix._src.utils import flax_util as qwix_flax_util  # private helper, tested (tests/test_qat.py)
+# Private helpers of qwix (pinned in requirements.txt, tested in tests/test_qat.py): which
+# operand is a param of the calling module, and a per-scope op counter (as qwix's op ids).
+from qwix._src import aux_data
+from qwix._src.utils import flax_util as qwix_flax_util
 
 from qgnn_jax.qat import rules as rules_lib
 from qgnn_jax.qat import site as site_lib
@@ -70,7 +73,6 @@ def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
 
 def _next_site_index(module: nn.Module) -> int:
   """0, 1, 2, ... for the ops a module's scope runs during one apply."""
-  from qwix._src import aux_data  # private helper of qwix, as qwix's own op ids use it
   n = aux_data.get(module.scope, "qgnn_site_count", 0)
   aux_data.set(module.scope, "qgnn_site_count", n + 1)
   return n

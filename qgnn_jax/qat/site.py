@@ -175,8 +175,7 @@ def quantize_operands(module: nn.Module, site_index: int, rule: QuantRule,
   w_entry, a_entry = rule.weight_entry, rule.act_entry
   if w_entry is not None:
     scope.variable("quant_stats", "site", lambda: jnp.array(rule.w_bits, jnp.int32))
-  if settings.mode == "fp" and not initializing:
-    return x, w
+  # (The provider does not call a site in mode "fp" outside initialisation.)
   w_hat = w if w_entry is None else _quantize_weight(
       scope, w_entry, rule.weight_spec, w, w_channel_axes, settings.calibrate)
   x_hat = x if a_entry is None else _quantize_act(
