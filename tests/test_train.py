@@ -1,11 +1,12 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qgnn_jax import qat
 from qgnn_jax import train as T
-from qgnn_jax.layers import QuantConfig
-from qgnn_jax.models import create_model
+from qgnn_jax.models import FEATURE_TAPS, LAYER_GROUPS, create_model
 
 NUM_CLASSES = 10
 
@@ -16,43 +17,66 @@ def _batch(n=8, seed=0):
           "label": jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)}
 
 
-def _setup(cfg=QuantConfig(), lr=1e-2, optimizer="adamw"):
-  model = create_model("vig_digits", NUM_CLASSES, cfg, axis_name=T.AXIS)
-  init_model = create_model("vig_digits", NUM_CLASSES, cfg)
+def _rules(quantizer=None, bits=4):
+  """The body of the model (every Grapher / FFN layer) at W<bits>A<bits>; () = full precision."""
+  if quantizer is None:
+    return ()
+  return (qat.QuantRule(module_path=LAYER_GROUPS["body"], w_quantizer=quantizer,
+                        a_quantizer=quantizer, w_bits=bits, a_bits=bits),)
+
+
+def _setup(rules=(), lr=1e-2, optimizer="adamw"):
+  """(model with BN's pmap axis, the same model without it for init/calibrate, tx, state)."""
+  model = qat.quantize_model(create_model("vig_digits", NUM_CLASSES, axis_name=T.AXIS), rules)
+  init_model = qat.quantize_model(create_model("vig_digits", NUM_CLASSES), rules)
   tx = T.make_optimizer(optimizer, lr, total_steps=10, warmup_steps=0)
   state = T.create_state(init_model, tx, _batch()["image"][:2], jax.random.key(0))
   return model, init_model, tx, state
 
 
-def _count_dots(loss_cfg, cfg):
-  model, _, _, state = _setup(cfg)
+def _count_dots(loss_cfg, rules):
+  model, _, _, state = _setup(rules)
   batch = _batch()
   fn = lambda p: T.loss_and_metrics(p, state, batch, jax.random.key(1), jax.random.key(2),
-                                    model.clone(axis_name=None), loss_cfg, NUM_CLASSES)[0]
-  jaxpr = jax.make_jaxpr(fn)(state.params)
+                                    model, loss_cfg, NUM_CLASSES)[0]
+  # The loss syncs BN moments and activation ranges over T.AXIS: trace it with that axis bound.
+  jaxpr = jax.make_jaxpr(fn, axis_env=[(T.AXIS, 1)])(state.params)
   return str(jaxpr).count("dot_general")
 
 
 def test_extra_passes_only_when_weights_nonzero():
-  cfg = QuantConfig.from_method("pq", 4, 4)
-  one = _count_dots(T.LossConfig("quant"), cfg)
-  aqd = _count_dots(T.LossConfig("quant", alpha=1.0), cfg)
-  both = _count_dots(T.LossConfig("quant", alpha=1.0, beta=1.0), cfg)
+  rules = _rules("pq")
+  one = _count_dots(T.LossConfig("quant"), rules)
+  aqd = _count_dots(T.LossConfig("quant", alpha=1.0, feature_taps=FEATURE_TAPS), rules)
+  both = _count_dots(T.LossConfig("quant", alpha=1.0, beta=1.0, feature_taps=FEATURE_TAPS),
+                     rules)
   assert one > 0
   assert aqd == 2 * one and both == 3 * one
 
 
-@pytest.mark.parametrize("method", ["fp", "pq+aqd+sqd"])
+# method -> (quantizer of the body at 16 bits, loss)
+TWO_DEVICE_CASES = {
+    "fp": (None, T.LossConfig("fp")),
+    "pq": ("pq", T.LossConfig("quant")),
+    "lsq": ("lsq", T.LossConfig("quant")),
+    "pq+aqd+sqd": ("pq", T.LossConfig("quant", alpha=1.0, beta=1.0, bypass_prob=0.5,
+                                      feature_taps=FEATURE_TAPS)),
+}
+
+
+# "pq" alone repeats what "pq+aqd+sqd" checks of the student (synced PQ ranges) for another
+# ~50 s of compiling on a 2-core CPU: slow (CI runs it).
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "pq" else m
+                                    for m in TWO_DEVICE_CASES])
 def test_two_devices_equal_one_device(method):
   if jax.local_device_count() < 2:
     pytest.skip("needs 2 (forced) CPU devices")
-  quantized = method != "fp"
-  cfg = QuantConfig.from_method("pq", 16, 16) if quantized else QuantConfig()
-  loss_cfg = (T.LossConfig("quant", alpha=1.0, beta=1.0, bypass_prob=0.5) if quantized
-              else T.LossConfig("fp"))
+  quantizer, loss_cfg = TWO_DEVICE_CASES[method]
+  quantized = quantizer is not None
   # SGD: Adam's first step is ~lr * sign(g), which turns float noise in the
   # analytically-zero gradients (biases before BN) into lr-sized differences.
-  model, init_model, tx, state = _setup(cfg, lr=0.1 if not quantized else 0.01, optimizer="sgd")
+  model, init_model, tx, state = _setup(_rules(quantizer, 16), lr=0.1 if not quantized else 0.01,
+                                        optimizer="sgd")
   if quantized:
     state = T.calibrate(init_model, state, _batch()["image"])
   step = T.make_train_step(model, tx, loss_cfg, NUM_CLASSES)
@@ -71,21 +95,48 @@ def test_two_devices_equal_one_device(method):
   # codes, each worth one grid step (~1e-4 at 16 bits), so quantized params agree
   # less tightly; unsynchronised ranges fail the quant_stats check above.
   tol = 1e-3 if quantized else 1e-5
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+  flat1 = jax.tree_util.tree_flatten_with_path(s1.params)[0]
+  flat2 = jax.tree_util.tree_flatten_with_path(s2.params)[0]
+  assert [p for p, _ in flat1] == [p for p, _ in flat2]
+  for (path, a), (_, b) in zip(flat1, flat2):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
   # Running variances are E[x^2] - E[x]^2 of pmean-ed moments: float32 summation
-  # order differs between 1 and 2 devices (seen: 1.4e-5 relative).
+  # order differs between 1 and 2 devices (seen: 1.4e-5 relative). LSQ's grid is much
+  # coarser than its 16 bits suggest (initial step 2 mean|x| / sqrt(2^15 - 1), ~1% of
+  # mean|x|): a code flipped by that noise moves the next BN's moments and the loss
+  # more (seen: 7.2e-5 relative on 3 of 256 channels; loss 5.7e-5).
+  coarse = quantizer == "lsq"
   for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s2.batch_stats)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=5e-5)
-  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=3e-4 if coarse else 5e-5)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=3e-4 if coarse else 1e-5)
   assert int(s1.step) == (1 if quantized else 2)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "qgnn_jax.quant.lsq_quantize scales the step gradient by 1 / sqrt(x.size * Q_P) with "
+    "x.size of one device's shard: under pmap over D devices the (pmean-ed) activation step "
+    "gradient is sqrt(D) times the one-device gradient of the same global batch"))
+def test_lsq_activation_step_gradient_does_not_depend_on_device_count():
+  if jax.local_device_count() < 2:
+    pytest.skip("needs 2 (forced) CPU devices")
+  qm = qat.quantize_model(nn.Dense(4), (qat.QuantRule(".*", w_quantizer="lsq",
+                                                      a_quantizer="lsq"),))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 6)), jnp.float32)
+  v = qm.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.mean(qm.apply({**v, "params": p}, x, axis_name=T.AXIS) ** 2)
+  g2 = jax.pmap(lambda x: jax.lax.pmean(jax.grad(loss)(v["params"], x), T.AXIS),
+                axis_name=T.AXIS)(x.reshape(2, 4, 6))
+  g1 = jax.pmap(lambda x: jax.grad(loss)(v["params"], x), axis_name=T.AXIS)(x[None])
+  np.testing.assert_allclose(g2["kernel"][0], g1["kernel"][0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g2["quant"]["w_step"][0], g1["quant"]["w_step"][0], rtol=1e-5)
+  np.testing.assert_allclose(g2["quant"]["a_step"][0], g1["quant"]["a_step"][0], rtol=1e-5)
+
+
 def test_train_step_learns_and_updates_stats():
-  cfg = QuantConfig.from_method("pq", 4, 4)
-  model, init_model, tx, state = _setup(cfg, lr=3e-3)
+  model, init_model, tx, state = _setup(_rules("pq"), lr=3e-3)
   state = T.calibrate(init_model, state, _batch()["image"])
-  step = T.make_train_step(model, tx, T.LossConfig("quant", alpha=1.0, beta=1.0), NUM_CLASSES)
+  step = T.make_train_step(model, tx, T.LossConfig("quant", alpha=1.0, beta=1.0,
+                                                   feature_taps=FEATURE_TAPS), NUM_CLASSES)
   s = T.replicate(state, 1)
   batch = T.shard_batch(_batch(16, seed=5), 1)
   losses = []
@@ -101,8 +152,7 @@ def test_train_step_learns_and_updates_stats():
 
 
 def test_lsq_steps_get_own_lr_and_no_decay():
-  cfg = QuantConfig.from_method("lsq", 4, 4)
-  _, init_model, _, _ = _setup(cfg)
+  _, init_model, _, _ = _setup(_rules("lsq"))
   tx = T.make_optimizer("adamw", 1e-3, 10, quant_lr=0.0, weight_decay=0.5)
   state = T.create_state(init_model, tx, _batch()["image"][:2], jax.random.key(0))
   grads = jax.tree.map(jnp.ones_like, state.params)
