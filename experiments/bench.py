@@ -3,11 +3,15 @@
     python -m experiments.bench --model vig_ti_32 --batch 128 --methods fp,pq,pq+aqd+sqd
     python -m experiments.bench --model vig_ti_224 --batch 32 --methods fp --json ours.json
 
-For every method (fp, minmax, pq, lsq, pq+aqd, pq+sqd, pq+aqd+sqd) the model
-is built with `QuantConfig.from_method(method, 4, 4)` and trained by the real
-`qgnn_jax.train.make_train_step` (pmap over all local devices, donated state,
-AdamW) with `LossConfig(student_mode="fp" if fp else "quant", alpha=1 if "aqd"
-in method, beta=1 if "sqd" in method)`, on synthetic data of the model's input
+A method is what a run config's `method` takes (`qgnn_jax.recipe.parse_method`): "fp",
+any registered quantizer (`qgnn_jax.quant.QUANTIZERS`), optionally with "+aqd" and/or
+"+sqd". `METHODS` (computed from the registry) lists fp, every registered quantizer,
+and pq+aqd, pq+sqd, pq+aqd+sqd. For every method the model is the registered variant
+(`create_model`) quantized by the run recipe's rules at W4A4 (`recipe.quant_rules` of
+`bench_config(method)`: the defaults of experiments/configs/common.py) and trained by the
+real `qgnn_jax.train.make_train_step` (pmap over all local devices, donated state, AdamW)
+with `recipe.loss_config`: student mode "fp" or "quant", alpha = 1 with aqd, beta = 1
+with sqd (AQD taps `qgnn_jax.models.FEATURE_TAPS`), on synthetic data of the model's input
 shape that is put on the devices once (no host transfer inside the loop).
 
 What is measured (wall clock, `jax.block_until_ready` after every step):
@@ -46,15 +50,36 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-METHODS = ("fp", "minmax", "pq", "lsq", "pq+aqd", "pq+sqd", "pq+aqd+sqd")
+# Distillation variants benchmarked for PQ (parsed by recipe.parse_method, so always valid).
+PQ_VARIANTS = ("pq+aqd", "pq+sqd", "pq+aqd+sqd")
+
+
+def available_methods() -> Tuple[str, ...]:
+  """fp, every quantizer registered now (`qgnn_jax.quant.QUANTIZERS`), then pq+aqd,
+  pq+sqd and pq+aqd+sqd. Imports jax (lazily: `main` sets the log level first)."""
+  from qgnn_jax import quant, recipe
+  names = ("fp",) + quant.QUANTIZERS.names() + PQ_VARIANTS
+  return tuple(str(recipe.parse_method(m)) for m in names)
+
+
+def __getattr__(name: str):
+  """`METHODS`: `available_methods()`, read from the registry when asked for."""
+  if name == "METHODS":
+    return available_methods()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 flags.DEFINE_string("model", "vig_ti_32", "Model name (qgnn_jax.models.MODELS).")
 flags.DEFINE_integer("batch", 128, "Global batch size (split over the local devices).")
-flags.DEFINE_string("methods", "fp,pq,pq+aqd+sqd", f"Comma-separated subset of {METHODS}.")
+flags.DEFINE_string("methods", "fp,pq,pq+aqd+sqd",
+                    "Comma-separated methods: 'fp', or a registered quantizer "
+                    "(qgnn_jax.quant.QUANTIZERS: pq, minmax, lsq, ...) optionally +aqd / +sqd; "
+                    "'all' = METHODS (fp, every registered quantizer, pq+aqd, pq+sqd, "
+                    "pq+aqd+sqd).")
 flags.DEFINE_integer("steps", 10, "Timed steps per method (train and eval each).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling call.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
@@ -88,11 +113,40 @@ def load_avg() -> Optional[float]:
     return None
 
 
+def bench_config(method: str, model_name: str = "vig_ti_32", dtype: str = "float32",
+                 graph_impl: Optional[str] = None):
+  """The run config a method is benchmarked with: experiments/configs/common.py's defaults
+  at W4A4, AQD / SQD weights 1 (validates the method)."""
+  from experiments.configs import common
+  from qgnn_jax import recipe
+  c = common.base_config()
+  c.model, c.method, c.dtype = model_name, str(recipe.parse_method(method)), dtype
+  if graph_impl is not None:
+    c.graph_impl = graph_impl
+  c.w_bits, c.a_bits = 4, 4
+  c.aqd_alpha, c.sqd_beta = 1.0, 1.0
+  return c
+
+
 def loss_config(method: str):
-  from qgnn_jax.train import LossConfig
-  return LossConfig(student_mode="fp" if method == "fp" else "quant",
-                    alpha=1.0 if "aqd" in method else 0.0,
-                    beta=1.0 if "sqd" in method else 0.0)
+  """`recipe.loss_config` of `bench_config(method)` (AQD taps: models.FEATURE_TAPS)."""
+  from qgnn_jax import recipe
+  return recipe.loss_config(bench_config(method))
+
+
+def build_models(model_name: str, method: str, num_classes: int, dtype: str = "float32",
+                 **model_kwargs):
+  """(model with BN's pmap axis for the steps, the same without it for init / calibrate):
+  the registered variant (model_kwargs override its fields) quantized by the recipe's rules."""
+  import jax.numpy as jnp
+  from qgnn_jax import qat, recipe
+  from qgnn_jax import train as train_lib
+  from qgnn_jax.models import create_model
+  rules = recipe.quant_rules(bench_config(method, model_name, dtype))
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  make = lambda **kw: qat.quantize_model(
+      create_model(model_name, num_classes, dtype=jdtype, **model_kwargs, **kw), rules)
+  return make(axis_name=train_lib.AXIS), make()
 
 
 @contextlib.contextmanager
@@ -154,14 +208,15 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   import jax.numpy as jnp
   import numpy as np
   from tqdm.auto import tqdm
+  from qgnn_jax import recipe
   from qgnn_jax import train as train_lib
-  from qgnn_jax.layers import QuantConfig
   from qgnn_jax.models import count_params, create_model, forward_flops, input_shape
 
   methods = list(methods)
-  bad = [m for m in methods if m not in METHODS]
-  if bad or not methods:
-    raise ValueError(f"methods={methods}; valid: non-empty subset of {METHODS}")
+  if not methods:
+    raise ValueError(f"methods={methods}; valid: a non-empty list of {available_methods()} "
+                     f"or other parseable methods")
+  parsed = {m: recipe.parse_method(m) for m in methods}  # raises on a bad one, naming it
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} (>= 1), warmup={warmup} (>= 0)")
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
@@ -182,15 +237,13 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   bar = tqdm(methods, desc=f"compile {model_name}", disable=not progress, dynamic_ncols=True)
   for method in bar:
     bar.set_postfix(method=method)
-    cfg = QuantConfig.from_method(method, 4, 4)
-    model = create_model(model_name, num_classes, cfg, axis_name=train_lib.AXIS, dtype=jdtype, **extra)
-    init_model = create_model(model_name, num_classes, cfg, dtype=jdtype, **extra)
+    model, init_model = build_models(model_name, method, num_classes, dtype, **extra)
     tx = train_lib.make_optimizer("adamw", 1e-3, 1000, 10)
     # Set-up code runs once: compiled without LLVM optimisation (several times faster to
     # compile; its run time does not matter).
     state = _run_once(lambda im, key: train_lib.create_state(init_model, tx, im, key),
                       jnp.asarray(host["image"][:2]), jax.random.key(0))
-    if method != "fp":
+    if parsed[method].quantized:
       state = _run_once(lambda st, im: train_lib.calibrate(init_model, st, im),
                         state, jnp.asarray(host["image"][:min(batch, 8)]))
     rstate = train_lib.replicate(state, n_dev)
@@ -199,7 +252,7 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
     for _ in range(warmup):
       rstate, _ = train_step(rstate, data)
     jax.block_until_ready(rstate)
-    eval_mode = "fp" if method == "fp" else "quant"
+    eval_mode = "quant" if parsed[method].quantized else "fp"
     eval_step = train_lib.make_eval_step(model, eval_mode)
     _, eval_compile_s = _timed(lambda: eval_step(rstate, data))
     fixed_step = None
@@ -291,7 +344,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   F = flags.FLAGS
-  run_bench(F.model, F.batch, [m.strip() for m in F.methods.split(",") if m.strip()],
+  methods = [m.strip() for m in F.methods.split(",") if m.strip()]
+  if methods == ["all"]:
+    methods = list(available_methods())
+  run_bench(F.model, F.batch, methods,
             steps=F.steps, warmup=F.warmup, dtype=F.dtype, graph_impl=F.graph_impl,
             num_classes=F.num_classes, measure_graph_share=F.graph_share, json_path=F.json,
             progress=F.progress)

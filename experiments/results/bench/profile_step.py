@@ -36,22 +36,21 @@ def main():
   p.add_argument("--eval", action="store_true"); p.add_argument("--top", type=int, default=0)
   a = p.parse_args()
   import jax, jax.numpy as jnp, numpy as np
-  from qgnn_jax import train as T
-  from qgnn_jax.layers import QuantConfig
-  from qgnn_jax.models import create_model
-  from experiments.bench import input_shape, loss_config, _run_once
-  cfg = QuantConfig.from_method(a.method, 4, 4)
-  model = create_model(a.model, 10, cfg, axis_name=T.AXIS); init_model = create_model(a.model, 10, cfg)
+  from qgnn_jax import recipe, train as T
+  from qgnn_jax.models import input_shape
+  from experiments.bench import build_models, loss_config, _run_once
+  quantized = recipe.parse_method(a.method).quantized
+  model, init_model = build_models(a.model, a.method, 10)  # the recipe's W4A4 rules, as bench
   tx = T.make_optimizer("adamw", 1e-3, 1000, 10)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((a.batch,) + input_shape(a.model), np.float32)
   y = rng.integers(0, 10, (a.batch,), np.int32)
   s = _run_once(lambda im, k: T.create_state(init_model, tx, im, k), jnp.asarray(x[:2]), jax.random.key(0))
-  if a.method != "fp":
+  if quantized:
     s = _run_once(lambda st, im: T.calibrate(init_model, st, im), s, jnp.asarray(x[:8]))
   state = T.replicate(s, 1); data = jax.pmap(lambda v: v)(T.shard_batch({"image": x, "label": y}, 1))
   if a.eval:
-    fn = T.make_eval_step(model, "fp" if a.method == "fp" else "quant")
+    fn = T.make_eval_step(model, "quant" if quantized else "fp")
     step = lambda st, d: (st, fn(st, d))
   else:
     fn = T.make_train_step(model, tx, loss_config(a.method), 10)
