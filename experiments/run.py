@@ -9,8 +9,14 @@ with the same workdir (shared file system) plus, when launched by hand,
     --coordinator_address HOST:PORT --num_processes N --process_id I
 
 (under SLURM `srun`, Open MPI `mpirun` or on a TPU pod slice JAX finds these itself).
+
+Restarting with a workdir that holds a run resumes it; a config that changes the run is
+refused (exit status 1, the differing fields listed) unless --allow_config_change. A bad
+config field exits with status 2 and one line naming it, before anything is written.
+Library INFO logs (absl, orbax) are hidden unless --verbose.
 """
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -34,28 +40,62 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
                      "dead and the others stop.")
 flags.DEFINE_integer("distributed_init_timeout_s", 300,
                      "Multi-process: seconds to wait for every process to join.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue a workdir whose config.json differs from this config in fields "
+                  "that change the run (the new values apply from the restored step on).")
+flags.DEFINE_bool("verbose", False,
+                  "Show library INFO logs (absl, orbax) and full tracebacks of errors.")
+
+# Exit statuses: a bad config field (nothing was written); any other error that stops a run.
+EXIT_CONFIG, EXIT_ERROR = 2, 1
+
+
+def set_console(verbose: bool) -> None:
+  """absl / orbax INFO lines hidden unless verbose (warnings and errors always shown)."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  level = logging.INFO if verbose else logging.WARNING
+  logging.set_verbosity(level)
+  py_logging.getLogger().setLevel(py_logging.INFO if verbose else py_logging.WARNING)
+
+
+def fail(message: str, status: int) -> None:
+  """One line on stderr, then exit with `status`."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from qgnn_jax import distributed  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
+  set_console(fl.verbose)
+  from qgnn_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(fl.distributed, fl.coordinator_address, fl.num_processes,
                            fl.process_id, heartbeat_timeout_s=fl.heartbeat_timeout_s,
                            init_timeout_s=fl.distributed_init_timeout_s)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  from qgnn_jax import experiment  # heavy imports after flag parsing
+  from qgnn_jax import checkpoint as ckpt  # heavy imports after flag parsing
+  from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
+  from qgnn_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS["config"])))[0])
   try:
-    experiment.run_pipeline(config, workdir)
-  except Exception as e:  # pylint: disable=broad-except
+    experiment.run_pipeline(config, workdir, allow_config_change=fl.allow_config_change)
+  except run_config.ConfigError as e:
+    fail(str(e), EXIT_CONFIG)
+  except (run_config.ConfigMismatchError, ckpt.CheckpointError, ckpt.NonFiniteStateError,
+          DatasetNotFoundError) as e:
     distributed.exit_on_error(e)  # multi-process: one clear message, exit 1, no hang
+    if fl.verbose:
+      raise
+    fail(str(e), EXIT_ERROR)
+  except Exception as e:  # pylint: disable=broad-except
+    distributed.exit_on_error(e)
     raise
 
 

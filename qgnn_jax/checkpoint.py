@@ -25,11 +25,21 @@ nested dicts / lists of numpy arrays, so an FP state whose tree differs from the
 QAT state (extra ``quant_stats`` / LSQ step sizes, another optimiser) can be
 copied leaf by leaf with :func:`merge_matching`.
 
-A corrupt or incompatible checkpoint raises :class:`CheckpointError` naming the
-directory, the step and what did not match.
+A corrupt or incompatible checkpoint raises :class:`CheckpointError` (one of its two
+kinds, :class:`CorruptCheckpointError` / :class:`IncompatibleCheckpointError`) naming the
+directory, the step and what did not match, in a few lines (orbax's and TensorStore's own
+messages are cut to their first line). :func:`restore` falls back from a corrupt step to
+the previous kept one, with a warning.
+
+Divergence never reaches disk: :func:`check_finite` (run on the device before each save)
+raises :class:`NonFiniteStateError` naming the latest saved step, which is therefore finite.
+
+Saves are asynchronous (:func:`save` returns while orbax writes; :func:`wait` joins it); a
+step folder appears under its final name only when complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,14 +47,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 ITEM = "state"
 DATA = "data"  # the input iterator's state (JSON), written once (by process 0)
+META = "meta"  # the run's bookkeeping at that step (JSON: train seconds, start time, ...)
 Path = Tuple[str, ...]
+_ERROR_CHARS = 300  # how much of a library's own error message is quoted
 
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, or does not match the expected state."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint step exists but cannot be read (truncated, deleted files, bad metadata)."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+  """A readable checkpoint whose tree differs from the expected state (another model)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """The training state holds NaN / Inf; it was not saved."""
+
+
+def short_error(e: BaseException) -> str:
+  """`Type: first line of the message`, at most _ERROR_CHARS characters (no dumps)."""
+  lines = str(e).strip().splitlines()
+  first = lines[0] if lines else ""
+  if len(first) > _ERROR_CHARS:
+    first = first[:_ERROR_CHARS] + " ..."
+  return f"{type(e).__name__}: {first}"
 
 
 # ----------------------------------------------------------------------------- tree paths
@@ -102,7 +136,8 @@ def make_manager(directory: str, max_to_keep: int = 3,
                                          save_interval_steps=save_interval_steps, create=True)
   return ocp.CheckpointManager(directory, options=options,
                                item_handlers={ITEM: ocp.StandardCheckpointHandler(),
-                                              DATA: ocp.JsonCheckpointHandler()})
+                                              DATA: ocp.JsonCheckpointHandler(),
+                                              META: ocp.JsonCheckpointHandler()})
 
 
 def _sanitize(state: Any) -> Any:
@@ -111,8 +146,9 @@ def _sanitize(state: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False,
-         data_state: Optional[Dict[str, Any]] = None) -> bool:
-  """Saves ``state`` (a host pytree of arrays) as step ``step`` and waits for it.
+         data_state: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
+         wait_for_it: bool = True) -> bool:
+  """Saves ``state`` (a host pytree of arrays) as step ``step``.
 
   Args:
     manager: from :func:`make_manager`.
@@ -123,6 +159,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
     data_state: the input iterator's state (a JSON-able dict, e.g.
       ``qgnn_jax.data.iterator_state``), saved beside ``state``; read back with
       :func:`restore_data_state`.
+    meta: the run's bookkeeping at this step (a JSON-able dict), read back by :func:`restore`.
+    wait_for_it: False returns while orbax still writes (an asynchronous save; the previous
+      one is always joined first); :func:`wait` joins it.
   Returns:
     whether a checkpoint was written; a step that already exists is not written
     again (a run resumed from its final checkpoint saves the same state).
@@ -130,14 +169,60 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
   step = int(step)
   if step < 0:
     raise ValueError(f"step={step} must be >= 0")
+  manager.wait_until_finished()
   if step in manager.all_steps():
     return False
   items = {ITEM: ocp.args.StandardSave(_sanitize(state))}
   if data_state is not None:
     items[DATA] = ocp.args.JsonSave(dict(data_state))
+  if meta is not None:
+    items[META] = ocp.args.JsonSave(dict(meta))
   saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
-  manager.wait_until_finished()
+  if wait_for_it:
+    manager.wait_until_finished()
   return bool(saved)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the manager's pending asynchronous save is on disk."""
+  manager.wait_until_finished()
+
+
+# ----------------------------------------------------------------------------- finiteness
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point leaf of ``tree`` is finite: one bool, computed where the
+  leaves live (on the device; no host copy of the state)."""
+  ok = jnp.ones((), bool)
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
+
+
+def check_finite(manager: ocp.CheckpointManager, step: int, state: Any,
+                 loss: Optional[Any] = None) -> None:
+  """Raises NonFiniteStateError unless ``state`` (params, optimiser state, ...) and ``loss``
+  are finite; the message names the latest checkpoint of ``manager`` (finite, since every
+  save is checked) or says there is none.
+
+  Args:
+    step: the training step the state is at (for the message).
+    state: a pytree of (device) arrays, e.g. the unreplicated train state.
+    loss: the last training loss (any array), or None.
+  """
+  if bool(all_finite((state, loss))):
+    return
+  manager.wait_until_finished()
+  latest = manager.latest_step()
+  where = (f"the latest finite checkpoint is step {latest} in {manager.directory} (a restart "
+           f"resumes from it)" if latest is not None else
+           f"no checkpoint was written to {manager.directory} (a restart starts afresh)")
+  raise NonFiniteStateError(
+      f"training diverged: the state or loss at step {step} holds NaN/Inf and was not saved; "
+      f"{where}. Try a lower lr or set grad_clip.")
 
 
 # ----------------------------------------------------------------------------- restore
@@ -151,10 +236,10 @@ def _metadata(manager: ocp.CheckpointManager, step: int) -> Dict[Path, Any]:
   try:
     meta = manager.item_metadata(step)[ITEM]
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{_describe(manager, step)} is unreadable (corrupt or not an orbax "
-                          f"'{ITEM}' checkpoint): {type(e).__name__}: {e}") from e
+    raise CorruptCheckpointError(f"{_describe(manager, step)} is unreadable (corrupt or not an "
+                                 f"orbax '{ITEM}' checkpoint): {short_error(e)}") from e
   if meta is None:
-    raise CheckpointError(f"{_describe(manager, step)} has no '{ITEM}' item")
+    raise CorruptCheckpointError(f"{_describe(manager, step)} has no '{ITEM}' item")
   tree = getattr(meta, "tree", meta)
   return flatten_with_paths(tree)
 
@@ -175,8 +260,9 @@ def check_compatible(saved: Dict[Path, Any], target: Any, where: str) -> None:
       problems.append(f"{_path_str(p)}: checkpoint dtype {sd}, target dtype {wd}")
   if problems:
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise CheckpointError(f"{where} does not match the expected state ({len(problems)} "
-                          f"mismatches):\n  " + "\n  ".join(problems[:12]) + more)
+    raise IncompatibleCheckpointError(
+        f"{where} does not match the expected state ({len(problems)} mismatches):\n  "
+        + "\n  ".join(problems[:12]) + more)
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
@@ -188,8 +274,8 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
     restored = manager.restore(step, args=ocp.args.Composite(**{
         ITEM: ocp.args.StandardRestore(target)}))[ITEM]
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{where} could not be restored (corrupt or incompatible): "
-                          f"{type(e).__name__}: {e}") from e
+    raise CorruptCheckpointError(f"{where} could not be restored (corrupt): "
+                                 f"{short_error(e)}") from e
   if target is None:
     restored = jax.device_get(restored)
   return restored
@@ -219,14 +305,98 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> Optional[Di
   Raises:
     CheckpointError: the data item exists but cannot be read.
   """
-  if not os.path.isdir(os.path.join(str(manager.directory), str(int(step)), DATA)):
+  return _restore_json(manager, step, DATA)
+
+
+def _restore_json(manager: ocp.CheckpointManager, step: int, item: str
+                  ) -> Optional[Dict[str, Any]]:
+  """A JSON item of ``step`` (None when the step has none); CorruptCheckpointError if unreadable."""
+  if not os.path.isdir(os.path.join(str(manager.directory), str(int(step)), item)):
     return None
   try:
     return dict(manager.restore(int(step), args=ocp.args.Composite(**{
-        DATA: ocp.args.JsonRestore()}))[DATA])
+        item: ocp.args.JsonRestore()}))[item])
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{_describe(manager, step)}: its '{DATA}' item (the input "
-                          f"iterator's state) is unreadable: {type(e).__name__}: {e}") from e
+    raise CorruptCheckpointError(f"{_describe(manager, step)}: its '{item}' item is "
+                                 f"unreadable: {short_error(e)}") from e
+
+
+@dataclasses.dataclass
+class Restored:
+  """What :func:`restore` read: the state, its step, the input iterator's state and the
+  run's bookkeeping (None for a checkpoint without them), and the newer steps it skipped
+  as corrupt (with why)."""
+  state: Any
+  step: int
+  data_state: Optional[Dict[str, Any]]
+  meta: Optional[Dict[str, Any]]
+  skipped: List[Tuple[int, str]]
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None,
+            fallback: bool = True) -> Optional[Restored]:
+  """Restores a step of ``manager`` with its data and meta items.
+
+  Args:
+    target: pytree of arrays / ``jax.ShapeDtypeStruct`` with the saved structure.
+    step: the step to restore (None: the newest). An explicit step is never replaced by
+      another.
+    fallback: with ``step=None``, a corrupt newest step is skipped with a warning and the
+      previous kept step is tried, and so on.
+  Returns:
+    a :class:`Restored`, or None when the manager holds no checkpoint.
+  Raises:
+    CheckpointError: ``step`` is not kept (the message lists the kept steps); the newest
+      step does not match ``target`` (:class:`IncompatibleCheckpointError`, no fallback:
+      an older step would not match either); every kept step is corrupt.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None:
+    if int(step) not in steps:
+      raise CheckpointError(f"restore_step={step} is not kept in {manager.directory}; kept "
+                            f"steps: {sorted(steps)}")
+    steps = [int(step)]
+  if not steps:
+    return None
+  skipped: List[Tuple[int, str]] = []
+  for s in steps:
+    try:
+      state = _restore_step(manager, s, target)
+      data = _restore_json(manager, s, DATA)
+      meta = _restore_json(manager, s, META)
+    except CorruptCheckpointError as e:
+      if step is not None or not fallback:
+        raise
+      skipped.append((s, str(e)))
+      logging.warning("%s; falling back to the previous kept step", e)
+      continue
+    return Restored(state, int(s), data, meta, skipped)
+  raise CorruptCheckpointError(
+      f"every kept checkpoint in {manager.directory} is corrupt:\n  "
+      + "\n  ".join(why for _, why in skipped)
+      + "\nStart again with a new --workdir.")
+
+
+def set_aside_steps_after(manager: ocp.CheckpointManager, step: int, dest: str) -> List[int]:
+  """Moves the checkpoints newer than ``step`` to ``dest/<step>`` (never overwriting) and
+  reloads the manager; returns the moved steps.
+
+  A run resumed from an older step than the newest (a fallback past a corrupt step, or an
+  explicit ``restore_step``) would otherwise keep newer steps from another trajectory,
+  which its own saves could not replace.
+  """
+  manager.wait_until_finished()
+  newer = sorted(s for s in manager.all_steps() if s > step)
+  directory = str(manager.directory)
+  for s in newer:
+    os.makedirs(dest, exist_ok=True)
+    target, n = os.path.join(dest, str(s)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+    os.rename(os.path.join(directory, str(s)), target)
+  if newer:
+    manager.reload()
+  return newer
 
 
 def resolve_checkpoint_dir(directory: str) -> str:

@@ -1,17 +1,33 @@
 """One training run from an ml_collections config: the logic behind `experiments.run`.
 
-`train_and_evaluate(config, workdir)` trains (FP or QAT), evaluates, checkpoints
-and writes `config.json`, `metrics.jsonl` and `results.json` (SPEC §6) into
-`workdir`. Restarting it with the same workdir resumes from the latest
-checkpoint with the same data order.
+`train_and_evaluate(config, workdir)` trains (FP or QAT), evaluates, checkpoints and
+writes into `workdir`: `config.json`, `metrics.jsonl`, TensorBoard events
+(`tensorboard/`), `checkpoints/`, and at the end `results.json` (SPEC §6 plus provenance,
+`qgnn_jax.results`) and `curves.png`. It runs in four parts:
+
+1. `check_workdir`: every config field validated (`qgnn_jax.run_config`) and the config
+   compared with the workdir's config.json; nothing is written before this passes, and a
+   finished workdir is reported, not rerun.
+2. `setup` + `restore_or_init`: data, model, optimiser; the newest readable checkpoint (a
+   corrupt one is skipped with a warning, `config.restore_step` picks one) or a fresh
+   state; metrics.jsonl cut back to the restored step; config.json written.
+3. `train_loop`: training with logging, evaluation and asynchronous checkpoints, each
+   save preceded by an on-device finiteness check (a diverged state is never saved).
+4. `finish`: final evaluation, results.json, the curves' plot.
+
+Restarting with the same workdir resumes from the latest checkpoint with the same data
+order; the resumed run ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import signal
+import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +38,20 @@ from tqdm.auto import tqdm
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import data as data_lib
 from qgnn_jax import distributed
+from qgnn_jax import results as results_lib
+from qgnn_jax import run_config
+from qgnn_jax import run_log
 from qgnn_jax import train as train_lib
 from qgnn_jax.recipe import build_model, loss_config, model_size_bytes, parse_method
 
-RESULT_KEYS = ("dataset", "model", "method", "w_bits", "a_bits", "seed", "top1", "fp_top1",
-               "train_steps", "train_seconds", "params", "model_bytes_fp32",
-               "model_bytes_quantized")
+RESULT_KEYS = results_lib.RESULT_KEYS  # the results.json keys (qgnn_jax.results)
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+DISCARDED_DIR = "discarded_checkpoints"
+KILL_AT_ENV = "QGNN_TEST_KILL_AT"
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (flushed each write).
-
-  ``enabled=False`` (processes other than 0 of a multi-process run) writes nothing.
-  """
-
-  def __init__(self, path: str, enabled: bool = True):
-    self._f = open(path, "a", encoding="utf-8") if enabled else None
-
-  def write(self, record: Dict[str, Any]) -> None:
-    if self._f is None:
-      return
-    self._f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v)
-                              for k, v in record.items()}) + "\n")
-    self._f.flush()
-
-  def close(self) -> None:
-    if self._f is not None:
-      self._f.close()
+# ----------------------------------------------------------------------------- evaluation
 
 
 def evaluate(eval_step, state, batches) -> Dict:
@@ -138,25 +138,128 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
       "eval_split": eval_split}
 
 
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Runs (or resumes) one training job; returns the results.json dict.
+# ----------------------------------------------------------------------------- one run
 
-  In a multi-process run every process calls it with the same config and workdir (a
-  file system all processes share); process 0 alone writes config.json,
-  metrics.jsonl, progress.json and results.json, and orbax writes each checkpoint once.
+
+def _notify(message: str) -> None:
+  """A line for the person watching (process 0 only), above any progress bar."""
+  if distributed.is_main_process():
+    tqdm.write(message, file=sys.stderr)
+
+
+def _kill_point(name: str, step: int) -> None:
+  """Test hook: SIGKILLs this process at a named point when QGNN_TEST_KILL_AT=name:step.
+
+  Points: 'mid_step' (a train step dispatched, not finished), 'save' (an asynchronous
+  checkpoint save in flight), 'eval' (an evaluation after its first batch).
+  """
+  if os.environ.get(KILL_AT_ENV) == f"{name}:{step}":
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _with_kill_point(batches: Iterator, name: str, step: int) -> Iterator:
+  for i, batch in enumerate(batches):
+    if i == 1:
+      _kill_point(name, step)
+    yield batch
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def check_workdir(config, workdir: str, allow_config_change: bool = False,
+                  check_init_from: bool = True) -> Optional[Dict[str, Any]]:
+  """Everything decided before a file is written: the config is valid and the workdir's.
+
+  Validates every field (`run_config.validate`), then compares with the workdir's saved
+  config.json (`run_config.check_restart`). Writes nothing.
+
+  Returns:
+    the workdir's results.json when the run has already finished with this config (there is
+    nothing to do), else None.
+  Raises:
+    run_config.ConfigError: a bad field (one line).
+    run_config.ConfigMismatchError: the saved config differs in run-defining fields.
+  """
+  run_config.validate(config, jax.local_device_count(), jax.process_count(),
+                      check_init_from=check_init_from)
+  saved = _read_json(os.path.join(workdir, CONFIG_FILE))
+  diff = []
+  if saved is not None:
+    diff = run_config.check_restart(saved, config, workdir, allow_config_change)
+  done = results_lib.read_results(workdir)
+  if done is not None and not diff:
+    return done
+  return None
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands: the step reached, seconds spent training (over all restarts),
+  the FP model's top-1 (QAT from FP) and when the run first started (UTC, ISO 8601)."""
+  step: int
+  train_seconds: float
+  fp_top1: Optional[float]
+  started_at: str
+
+  def meta(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Run:
+  """One run between setup and finish: what `setup` builds, what the loop updates.
+
+  data: `input_pipeline`'s dict; state: the host / single-device TrainState before training
+  (replicated into rstate by the loop); batches: the training iterator (its state goes
+  into every checkpoint).
+  """
+  config: Any
+  workdir: str
+  main: bool
+  num_devices: int
+  data: Dict[str, Any]
+  total_steps: int
+  method: Any
+  model: Any
+  init_model: Any
+  tx: Any
+  sample: jax.Array
+  state: Any
+  manager: Any
+  progress: Optional[Progress] = None
+  data_state: Optional[Dict[str, Any]] = None
+  rstate: Any = None
+  batches: Any = None
+  writer: Optional[run_log.MetricsWriter] = None
+  last_loss: Any = None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.data["steps_per_epoch"]
+
+  @property
+  def eval_split(self) -> str:
+    return self.data["eval_split"]
+
+
+def setup(config, workdir: str) -> Run:
+  """Data, model, optimiser and a freshly initialised state; the checkpoint manager.
+
+  The only file it creates is the workdir's checkpoints/ folder (after the data is read).
   """
   main = distributed.is_main_process()
-  os.makedirs(workdir, exist_ok=True)
-  if main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
   num_devices = jax.local_device_count()
   data = input_pipeline(config, num_devices)
-  info, steps_per_epoch, eval_split = data["info"], data["steps_per_epoch"], data["eval_split"]
+  info, steps_per_epoch = data["info"], data["steps_per_epoch"]
   total_steps = int(config.num_steps) or int(round(config.num_epochs * steps_per_epoch))
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  method = parse_method(config.method)
-
   model = build_model(config, info.num_classes, axis_name=train_lib.AXIS)
   init_model = build_model(config, info.num_classes)
   tx = train_lib.make_optimizer(
@@ -172,134 +275,208 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   sample = jnp.asarray(distributed.allgather(
       np.asarray(first["image"]).reshape((-1,) + first["image"].shape[2:])))
   state = train_lib.create_state(init_model, tx, sample[:2], jax.random.key(config.seed))
+  manager = ckpt.make_manager(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+  return Run(config=config, workdir=workdir, main=main, num_devices=num_devices, data=data,
+             total_steps=total_steps, method=parse_method(config.method), model=model,
+             init_model=init_model, tx=tx, sample=sample, state=state, manager=manager)
 
-  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  restored, start_step = ckpt.restore_latest(manager, state)
-  data_state = None if restored is None else ckpt.restore_data_state(manager, start_step)
-  fp_top1 = None
-  progress_path = os.path.join(workdir, "progress.json")
-  prev_seconds = 0.0
+
+def restore_or_init(run: Run) -> None:
+  """Resumes from a checkpoint or initialises the state (init_from, calibration), then
+  writes config.json.
+
+  A corrupt newest checkpoint is skipped with a warning (`checkpoint.restore`); an explicit
+  `config.restore_step` restores that step. Checkpoints newer than the restored step move to
+  workdir/discarded_checkpoints/, and metrics.jsonl loses its lines past it.
+  """
+  config, workdir = run.config, run.workdir
+  restored = ckpt.restore(run.manager, run.state, step=int(config.restore_step) or None)
   if restored is not None:
-    state, start_step = restored, int(start_step)
-    if os.path.exists(progress_path):
-      with open(progress_path) as f:
-        prog = json.load(f)
-      prev_seconds, fp_top1 = prog.get("train_seconds", 0.0), prog.get("fp_top1")
-    logging.info("resumed from step %d", start_step)
+    moved = ckpt.set_aside_steps_after(run.manager, restored.step,
+                                       os.path.join(workdir, DISCARDED_DIR))
+    if moved:
+      _notify(f"checkpoints of steps {moved} (after the restored step {restored.step}) moved "
+              f"to {os.path.join(workdir, DISCARDED_DIR)}")
+    meta = restored.meta or _read_json(os.path.join(workdir, "progress.json")) or {}
+    run.state, run.data_state = restored.state, restored.data_state
+    run.progress = Progress(step=restored.step, train_seconds=meta.get("train_seconds", 0.0),
+                            fp_top1=meta.get("fp_top1"),
+                            started_at=meta.get("started_at") or results_lib.utc_now())
+    _notify(f"{workdir}: resumed from step {restored.step} of {run.total_steps}")
   else:
-    start_step = 0
+    state, fp_top1 = run.state, None
     if config.init_from:
       state, fp_top1 = _init_from_fp(state, config.init_from)
-    if method.quantized:
-      state = train_lib.calibrate(init_model, state, sample)
-    state = state.replace(opt_state=tx.init(state.params))
+    if run.method.quantized:
+      state = train_lib.calibrate(run.init_model, state, run.sample)
+    run.state = state.replace(opt_state=run.tx.init(state.params))
+    run.progress = Progress(step=0, train_seconds=0.0, fp_top1=fp_top1,
+                            started_at=results_lib.utc_now())
+  if run.main:
+    metrics_path = os.path.join(workdir, run_log.METRICS_FILE)
+    if dropped := run_log.truncate_metrics(metrics_path, run.progress.step):
+      _notify(f"metrics.jsonl: dropped {dropped} lines past step {run.progress.step}")
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
 
-  loss_cfg = loss_config(config)
-  train_step = train_lib.make_train_step(model, tx, loss_cfg, info.num_classes)
-  eval_mode = "quant" if method.quantized else "fp"
-  eval_step = train_lib.make_eval_step(model, eval_mode)
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=main)
 
-  def save(step, seconds):
-    ckpt.save(manager, step, state_host(), force=True,
-              data_state=data_lib.iterator_state(batches, step))
-    if main:
-      with open(progress_path, "w") as f:
-        json.dump({"step": step, "train_seconds": seconds, "fp_top1": fp_top1}, f)
+def _save(run: Run, step: int, seconds: float) -> None:
+  """Checks the state finite on the device, then saves it asynchronously (with the data
+  iterator's state and the run's progress)."""
+  device_state = train_lib.unreplicate(run.rstate)
+  ckpt.check_finite(run.manager, step, device_state, run.last_loss)
+  meta = dataclasses.replace(run.progress, step=step, train_seconds=seconds).meta()
+  ckpt.save(run.manager, step, jax.device_get(device_state), force=True,
+            data_state=data_lib.iterator_state(run.batches, step), meta=meta,
+            wait_for_it=False)
+  _kill_point("save", step)
 
-  rstate = train_lib.replicate(state, num_devices)
-  state_host = lambda: jax.device_get(train_lib.unreplicate(rstate))
-  stop_at = int(config.stop_at_step) or total_steps
-  batches = data["train"](start_step)  # on the devices, prefetched
-  data_lib.restore_iterator(batches, data_state, start_step)
-  t0, seconds = time.perf_counter(), prev_seconds
-  bar = tqdm(total=total_steps, initial=start_step, desc=f"{config.method} {config.model}",
-             disable=not (config.progress and main), dynamic_ncols=True)
-  step = start_step
+
+def train_loop(run: Run) -> None:
+  """Trains from run.progress.step to stop_at_step or the end, logging, evaluating and
+  checkpointing on the config's schedule; a checkpoint is written at the last step."""
+  config, total = run.config, run.total_steps
+  train_step = train_lib.make_train_step(run.model, run.tx, loss_config(config),
+                                         run.data["info"].num_classes)
+  eval_step = make_eval_step(run)
+  start = run.progress.step
+  run.rstate = train_lib.replicate(run.state, run.num_devices)
+  run.batches = run.data["train"](start)  # on the devices, prefetched
+  data_lib.restore_iterator(run.batches, run.data_state, start)
+  stop = min(int(config.stop_at_step) or total, total)
+  eval_every = (max(1, int(config.eval_every_epochs * run.steps_per_epoch))
+                if config.eval_every_epochs else 0)
+  t0 = time.perf_counter()
+  seconds = lambda: run.progress.train_seconds + time.perf_counter() - t0
+  bar = tqdm(total=total, initial=start, unit="step", desc=f"{config.method} {config.model}",
+             disable=not (config.progress and run.main), dynamic_ncols=True, file=sys.stderr)
   try:
-    for step in range(start_step, min(stop_at, total_steps)):
-      rstate, metrics = train_step(rstate, next(batches))
-      bar.update(1)
+    for step in range(start, stop):
+      run.rstate, metrics = train_step(run.rstate, next(run.batches))
       done = step + 1
-      if done % config.log_every == 0 or done == total_steps:
+      _kill_point("mid_step", done)
+      run.last_loss = metrics["loss"][0]
+      bar.update(1)
+      if done % config.log_every == 0 or done == total:
         m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in m.values()):
-          raise FloatingPointError(
-              f"non-finite training metrics at step {done}: {m}; the last good checkpoint is "
-              f"kept in {workdir}/checkpoints (try a lower lr or grad_clip)")
-        writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "train", **m})
+          ckpt.check_finite(run.manager, done, None, float("nan"))
+        run.writer.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train",
+                          **m})
         bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
-      if config.eval_every_epochs and done % max(1, int(config.eval_every_epochs *
-                                                        steps_per_epoch)) == 0 and done < total_steps:
-        ev = evaluate(eval_step, rstate, data["eval"]())
-        writer.write({"step": done, "epoch": done / steps_per_epoch,
-                      "split": eval_split, **ev})
-      if done % config.checkpoint_every == 0 and done < total_steps:
-        save(done, seconds + time.perf_counter() - t0)
-    step = min(stop_at, total_steps)
-    jax.block_until_ready(rstate)
-    seconds += time.perf_counter() - t0
-    save(step, seconds)
+      if eval_every and done % eval_every == 0 and done < total:
+        ev = evaluate(eval_step, run.rstate,
+                      _with_kill_point(run.data["eval"](), "eval", done))
+        run.writer.write({"step": done, "epoch": done / run.steps_per_epoch,
+                          "split": run.eval_split, **ev})
+      if done % config.checkpoint_every == 0 and done < stop:
+        _save(run, done, seconds())
+    if stop > start:
+      jax.block_until_ready(run.rstate)
+      run.progress.train_seconds, run.progress.step = seconds(), stop
+      _save(run, stop, run.progress.train_seconds)
   finally:
     bar.close()
-  if step < total_steps:  # stopped early on purpose (stop_at_step): resumable
-    writer.close()
-    return {}
+    ckpt.wait(run.manager)
 
-  ev = evaluate(eval_step, rstate, data["eval"]())
-  writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch,
-                "split": eval_split, "final": True, **ev})
-  writer.close()
-  final = state_host()
+
+def make_eval_step(run: Run):
+  """The pmap-ed evaluation step in the mode the run is evaluated in (quant for QAT)."""
+  return train_lib.make_eval_step(run.model, "quant" if run.method.quantized else "fp")
+
+
+def finish(run: Run) -> Dict[str, Any]:
+  """The final evaluation, results.json (SPEC §6 + provenance) and the curves' plot."""
+  config, total = run.config, run.total_steps
+  if run.rstate is None:
+    run.rstate = train_lib.replicate(run.state, run.num_devices)
+  ev = evaluate(make_eval_step(run), run.rstate,
+                _with_kill_point(run.data["eval"](), "eval", total))
+  run.writer.write({"step": total, "epoch": total / run.steps_per_epoch,
+                    "split": run.eval_split, "final": True, **ev})
+  final = jax.device_get(train_lib.unreplicate(run.rstate))
   sizes = model_size_bytes(final.params, final.quant_stats)
+  fp_top1 = run.progress.fp_top1
   results = {
       "dataset": config.dataset, "model": config.model, "method": config.method,
-      "w_bits": int(config.w_bits) if method.quantized else None,
-      "a_bits": int(config.a_bits) if method.quantized else None,
+      "w_bits": int(config.w_bits) if run.method.quantized else None,
+      "a_bits": int(config.a_bits) if run.method.quantized else None,
       "seed": int(config.seed), "top1": float(ev["top1"]),
       "fp_top1": None if fp_top1 is None else float(fp_top1),
-      "train_steps": int(total_steps), "train_seconds": float(seconds), **sizes}
-  # Written whole or not at all: its presence marks the run as done (experiments.sweep).
-  if main:
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
+      "train_steps": int(total), "train_seconds": float(run.progress.train_seconds), **sizes,
+      "eval_split": run.eval_split, "eval_loss": float(ev["loss"]),
+      **results_lib.provenance(run_config.config_sha256(config)),
+      "started_at": run.progress.started_at, "finished_at": results_lib.utc_now()}
+  results_lib.check_results(results)
+  if run.main:
+    run.writer.close()
+    # Written whole or not at all: its presence marks the run as done.
+    results_lib.write_json_atomic(os.path.join(run.workdir, results_lib.RESULTS_FILE), results)
+    run_log.plot_curves(os.path.join(run.workdir, run_log.METRICS_FILE),
+                        os.path.join(run.workdir, run_log.CURVES_FILE),
+                        title=f"{config.dataset} {config.model} {config.method}")
   return results
 
 
-def summary_table(rows: list) -> str:
-  """Markdown table of results dicts (one row per run)."""
-  head = "| run | method | W/A bits | top-1 | params | size fp32 | size quantized | train s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|"]
-  for name, r in rows:
-    bits = "-" if r["w_bits"] is None else f"{r['w_bits']}/{r['a_bits']}"
-    lines.append(f"| {name} | {r['method']} | {bits} | {100 * r['top1']:.2f}% | {r['params']:,} | "
-                 f"{r['model_bytes_fp32'] / 1024:.0f} KiB | {r['model_bytes_quantized'] / 1024:.0f} KiB"
-                 f" | {r['train_seconds']:.0f} |")
-  return "\n".join(lines)
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False
+                       ) -> Dict[str, Any]:
+  """Runs (or resumes) one training job; returns the results.json dict ({} when stopped
+  early by stop_at_step).
+
+  Before any file is written the config is validated and compared with the workdir's
+  config.json (`check_workdir`); a finished workdir returns its results without running.
+  In a multi-process run every process calls it with the same config and workdir (a
+  file system all processes share); process 0 alone writes config.json, metrics.jsonl,
+  TensorBoard events and results.json, and orbax writes each checkpoint once.
+
+  Args:
+    allow_config_change: continue a workdir whose config.json differs in run-defining
+      fields (the new values apply from the restored step on).
+  """
+  done = check_workdir(config, workdir, allow_config_change)
+  if done is not None:
+    _notify(f"{workdir}: already finished ({done['method']}, top-1 {100 * done['top1']:.2f}% "
+            f"on {done.get('eval_split', 'eval')}); nothing to do")
+    return done
+  os.makedirs(workdir, exist_ok=True)
+  run = setup(config, workdir)
+  try:
+    restore_or_init(run)
+    run.writer = run_log.MetricsWriter(workdir, enabled=run.main, resume_step=run.progress.step)
+    if run.progress.step < run.total_steps:
+      train_loop(run)
+    if run.progress.step < run.total_steps:  # stopped early on purpose (stop_at_step)
+      return {}
+    return finish(run)
+  finally:
+    if run.writer is not None:
+      run.writer.close()
+    run.manager.close()
 
 
-def run_pipeline(config, workdir: str) -> list:
+def run_pipeline(config, workdir: str, allow_config_change: bool = False) -> list:
   """Runs the config: one run, or FP pretraining then QAT when pretrain_fp_epochs > 0.
 
-  Returns [(name, results)] and prints the summary table.
+  Every phase's config is validated before the first one starts. Returns [(name, results)]
+  and prints the summary table.
   """
-  rows = []
+  phases = []
   if config.pretrain_fp_epochs > 0 and parse_method(config.method).quantized:
     fp_cfg = config.copy_and_resolve_references()
     with fp_cfg.unlocked():
       fp_cfg.method, fp_cfg.num_epochs = "fp", config.pretrain_fp_epochs
     fp_dir = os.path.join(workdir, "fp")
-    rows.append(("fp", train_and_evaluate(fp_cfg, fp_dir)))
     qat_cfg = config.copy_and_resolve_references()
     with qat_cfg.unlocked():
       qat_cfg.init_from = fp_dir
       qat_cfg.lr = config.lr / 4
-    rows.append(("qat", train_and_evaluate(qat_cfg, os.path.join(workdir, "qat"))))
+    phases = [("fp", fp_cfg, fp_dir), ("qat", qat_cfg, os.path.join(workdir, "qat"))]
   else:
-    rows.append((os.path.basename(os.path.normpath(workdir)), train_and_evaluate(config, workdir)))
+    phases = [(os.path.basename(os.path.normpath(workdir)), config, workdir)]
+  for _, cfg, wd in phases:  # every phase checked before anything runs
+    check_workdir(cfg, wd, allow_config_change, check_init_from=len(phases) == 1)
+  rows = [(name, train_and_evaluate(cfg, wd, allow_config_change)) for name, cfg, wd in phases]
   rows = [(n, r) for n, r in rows if r]
   if rows and distributed.is_main_process():
-    print("\n" + summary_table(rows))
+    print("\n" + results_lib.summary_table(rows))
   return rows

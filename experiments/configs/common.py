@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.stop_at_step = 0         # > 0: stop (resumably) at this step, as a crash would
+  c.restore_step = 0         # > 0: resume from this kept step, not the newest
   c.progress = True
   # Two-phase pipelines (quick start): FP pretraining, then QAT initialised from it
   c.pretrain_fp_epochs = 0.0
