@@ -16,10 +16,11 @@ config field exits with status 2 and one line naming it, before anything is writ
 Library INFO logs (absl, orbax) are hidden unless --verbose.
 """
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -45,25 +46,6 @@ flags.DEFINE_bool("allow_config_change", False,
                   "that change the run (the new values apply from the restored step on).")
 flags.DEFINE_bool("verbose", False,
                   "Show library INFO logs (absl, orbax) and full tracebacks of errors.")
-
-# Exit statuses: a bad config field (nothing was written); any other error that stops a run.
-EXIT_CONFIG, EXIT_ERROR = 2, 1
-
-
-def set_console(verbose: bool) -> None:
-  """absl / orbax INFO lines hidden unless verbose (warnings and errors always shown)."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  level = logging.INFO if verbose else logging.WARNING
-  logging.set_verbosity(level)
-  py_logging.getLogger().setLevel(py_logging.INFO if verbose else py_logging.WARNING)
-
-
-def fail(message: str, status: int) -> None:
-  """One line on stderr, then exit with `status`."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(status)
-
 
 def main(argv):
   del argv

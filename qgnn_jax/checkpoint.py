@@ -353,7 +353,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = N
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if int(step) not in steps:
-      raise CheckpointError(f"restore_step={step} is not kept in {manager.directory}; kept "
+      raise CheckpointError(f"step {step} is not kept in {manager.directory}; kept "
                             f"steps: {sorted(steps)}")
     steps = [int(step)]
   if not steps:

@@ -480,3 +480,67 @@ def run_pipeline(config, workdir: str, allow_config_change: bool = False) -> lis
   if rows and distributed.is_main_process():
     print("\n" + results_lib.summary_table(rows))
   return rows
+
+
+# ----------------------------------------------------------------------------- evaluation only
+
+
+def load_run_config(workdir: str):
+  """A workdir's config.json as a run ConfigDict (fields added to base_config since it
+  was written take their defaults). Raises FileNotFoundError when there is none."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from experiments.configs.common import base_config  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, CONFIG_FILE)
+  saved = _read_json(path)
+  if saved is None:
+    raise FileNotFoundError(f"{path} not found: is {workdir} a run's workdir?")
+  config = base_config()
+  config.update(ml_collections.ConfigDict(saved))
+  return config
+
+
+def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
+                        split: Optional[str] = None) -> Dict[str, Any]:
+  """Evaluates a run's checkpoint without training; writes and returns eval.json's dict.
+
+  Args:
+    workdir: a run's workdir (its config.json and checkpoints/).
+    step: the checkpoint step (None: the newest readable one).
+    split: "test" or "validation" (None: the split the run evaluates on). "validation"
+      needs a run that held images out (val_holdout > 0).
+  Returns:
+    {"step", "split", "top1", "loss", "count", dataset / model / method / bits, provenance,
+    "evaluated_at"}.
+  """
+  config = load_run_config(workdir)
+  if split is not None:
+    if split not in ("test", "validation"):
+      raise run_config.ConfigError(f"split={split!r}: valid: 'test', 'validation'")
+    if split == "validation" and not config.val_holdout:
+      raise run_config.ConfigError(
+          f"split='validation': {workdir} held out no validation images (val_holdout=0); "
+          f"use split='test'")
+    with config.unlocked():
+      config.eval_on = split
+  with config.unlocked():
+    config.init_from = ""  # the checkpoint replaces whatever the run started from
+  run_config.validate(config, jax.local_device_count(), jax.process_count())
+  run = setup(config, workdir)
+  try:
+    restored = ckpt.restore(run.manager, run.state, step=step)
+    if restored is None:
+      raise ckpt.CheckpointError(f"no checkpoint in {run.manager.directory}")
+    rstate = train_lib.replicate(restored.state, run.num_devices)
+    ev = evaluate(make_eval_step(run), rstate, run.data["eval"]())
+  finally:
+    run.manager.close()
+  out = {"dataset": config.dataset, "model": config.model, "method": config.method,
+         "w_bits": int(config.w_bits) if run.method.quantized else None,
+         "a_bits": int(config.a_bits) if run.method.quantized else None,
+         "step": restored.step, "split": run.eval_split, "top1": float(ev["top1"]),
+         "loss": float(ev["loss"]), "count": int(ev["count"]),
+         **results_lib.provenance(run_config.config_sha256(config)),
+         "evaluated_at": results_lib.utc_now()}
+  if run.main:
+    results_lib.write_json_atomic(os.path.join(workdir, results_lib.EVAL_FILE), out)
+  return out

@@ -65,6 +65,18 @@ def get_config():
   c.sweep_centre = ml_collections.ConfigDict({
       "lam": 3.0, "w_symmetric": True, "quant_lr": -1.0, "aqd_alpha": 1.0, "aqd_tau": 1.0,
       "sqd_beta": 1.0, "sqd_p": 0.5, "sqd_temperature": 1.0})
+  # Reporting: the paper's claims as "method a beats method b" (label, a, b), the method
+  # whose gap to FP gets a row, and the plot's title.
+  c.claims = (
+      ("(1) PQ's range beats min-max", "pq", "minmax"),
+      ("(2) AQD improves PQ", "pq+aqd", "pq"),
+      ("(3) SQD improves PQ", "pq+sqd", "pq"),
+      ("(4) PQ+AQD+SQD beats LSQ", "pq+aqd+sqd", "lsq"),
+      ("(4') PQ+AQD+SQD beats min-max", "pq+aqd+sqd", "minmax"),
+  )
+  c.fp_gap_method = "pq+aqd+sqd"
+  c.fp_gap_label = "pq+aqd+sqd minus FP (target > -0.5 at W4A4)"
+  c.plot_title = "Fashion-MNIST, QAT from FP"
   # bench --json output for the overhead column (H200, batch 256, fp / pq / pq+aqd+sqd)
   c.bench_json = "experiments/results/bench/bench_gpu_vig_small_28.json"
   return c

@@ -1,0 +1,21 @@
+"""What the command-line entry points share: console verbosity, one-line errors, exit codes."""
+import logging as py_logging
+import sys
+
+from absl import logging
+
+# Exit statuses: a bad config field or flag (nothing was written); any other error that
+# stops a run (a refused restart, a diverged or corrupt run, missing data).
+EXIT_CONFIG, EXIT_ERROR = 2, 1
+
+
+def set_console(verbose: bool) -> None:
+  """absl / orbax INFO lines hidden unless verbose (warnings and errors always shown)."""
+  logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+  py_logging.getLogger().setLevel(py_logging.INFO if verbose else py_logging.WARNING)
+
+
+def fail(message: str, status: int) -> None:
+  """`error: <message>` on stderr, then exit with `status`."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
