@@ -1,7 +1,7 @@
 """Quantizer sites through the public API: `qat.quantize_model(plain_model, rules)`.
 
-Ported from the old tests of QuantConfig / QuantSite / QuantDense / QuantConv
-(tests/legacy/layers.py): rules and their validation, the call-time modes, the weight
+Ported from the tests of the old hand-wired quantized layers (tests/legacy/layers.py,
+the former tests/test_layers.py): rules and their validation, the call-time modes, the weight
 and input each op really uses (Dense, Conv, grouped dense), quantizer state (LSQ
 steps, EMA activation ranges) and the registry entries' synchronised batch ranges.
 
@@ -118,7 +118,7 @@ class DenseNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Rules and methods (was: QuantConfig, QuantConfig.from_method).
+# Rules and methods (were: the old layers' config and its constructor from a method).
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(w_quantizer="int8"), "unknown quantizer 'int8'"),
