@@ -123,8 +123,11 @@ class DenseNet(nn.Module):
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(w_quantizer="int8"), "unknown quantizer 'int8'"),
     (dict(a_quantizer="pauta"), "unknown quantizer 'pauta'"),  # the old name of pq
-    (dict(w_quantizer="pq", w_bits=1), "bits=1"),
-    (dict(a_quantizer="pq", a_bits=17), "bits=17"),
+    (dict(w_quantizer="pq", w_bits=1), "w_bits=1"),
+    (dict(a_quantizer="pq", a_bits=17), "a_bits=17"),
+    (dict(w_bits=1), "w_bits=1"),
+    (dict(w_symmetric="no"), "w_symmetric='no'"),
+    (dict(lam=0.0), "lam=0.0"),
     (dict(w_quantizer="pq", w_bits=4.0), "bits=4.0"),
     (dict(a_quantizer="pq", a_bits=True), "bits=True"),
     (dict(w_quantizer="pq", w_granularity="row"), "w_granularity='row'"),
@@ -503,11 +506,9 @@ def test_quantized_layer_under_jit_with_closed_over_variables(quantizer):
   assert np.max(np.abs(np.asarray(y) - np.asarray(fp))) > 1e-3  # it did quantize
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qgnn_jax.qat finds the weight with qwix's find_param, which does not recognise a "
-    "param given as a numpy array (host_variables, jax.device_get, np.load): the op "
-    "silently stays full precision (only an absl warning is logged)"))
 def test_numpy_variables_are_quantized():
+  """numpy leaves (host_variables, jax.device_get, np.load) are quantized too: qwix's
+  find_param only recognises jax arrays, so QuantizedModel.apply converts them."""
   x = _randn(10, (4, 8))
   qm = qat.quantize_model(nn.Dense(3), (_rule("pq"),))
   host = host_variables(qm, x)  # numpy leaves

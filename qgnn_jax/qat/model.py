@@ -220,7 +220,12 @@ class QuantizedModel:
 
   def apply(self, variables, *args, mode: str = "quant", bypass_prob: float = 0.0,
             calibrate: bool = False, axis_name: Optional[str] = None, **kwargs):
-    with site_lib.call_settings(CallSettings(mode, bypass_prob, calibrate, axis_name)):
+    settings = CallSettings(mode, bypass_prob, calibrate, axis_name)
+    # Weights are found by identity with the module's params (find_param), which numpy
+    # arrays (e.g. after device_get) defeat: make every leaf a jax array (a no-op for
+    # jax arrays and tracers).
+    variables = jax.tree.map(jnp.asarray, variables)
+    with site_lib.call_settings(settings):
       return self.module.apply(variables, *args, **kwargs)
 
   def __hash__(self):

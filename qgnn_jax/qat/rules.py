@@ -67,8 +67,15 @@ class QuantRule:
     if bad:
       raise ValueError(f"op_names={self.op_names!r}; valid: a subset of {OPS}")
     object.__setattr__(self, "op_names", tuple(self.op_names))
-    if self.enabled:  # validates bits and lam through the specs
-      self.weight_spec, self.act_spec  # pylint: disable=pointless-statement
+    for name in ("w_bits", "a_bits"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
+        raise ValueError(f"{name}={v!r}; valid: int in [2, 16]")
+    for name in ("w_symmetric", "a_symmetric"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}={getattr(self, name)!r}; valid: True or False")
+    if not (isinstance(self.lam, (int, float)) and self.lam > 0):
+      raise ValueError(f"lam={self.lam!r}; valid: lam > 0")
 
   @property
   def enabled(self) -> bool:
