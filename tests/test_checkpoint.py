@@ -142,3 +142,83 @@ def test_restore_from_workdir_and_merge_matching(tmp_path):
 def test_restore_from_missing_dir(tmp_path):
   with pytest.raises(ckpt.CheckpointError, match="no checkpoint found"):
     ckpt.restore_from(str(tmp_path))
+
+
+def _corrupt_data_files(step_dir):
+  files = [f for f in glob.glob(os.path.join(str(step_dir), "**"), recursive=True)
+           if os.path.isfile(f) and "/d/" in f]
+  assert files
+  for f in files:
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_newest_step_falls_back_with_a_short_warning(tmp_path, caplog):
+  manager = ckpt.make_manager(str(tmp_path / "ck"))
+  for step in (1, 2):
+    ckpt.save(manager, step, jax.device_get(_state(step)), data_state={"next_index": step},
+              meta={"train_seconds": 1.5 * step})
+  _corrupt_data_files(tmp_path / "ck" / "2")
+  target = jax.eval_shape(lambda: _state(0))
+  manager = ckpt.make_manager(str(tmp_path / "ck"))
+  got = ckpt.restore(manager, target)
+  assert got.step == 1 and _equal(got.state, _state(1))
+  assert got.data_state == {"next_index": 1} and got.meta == {"train_seconds": 1.5}
+  assert [s for s, _ in got.skipped] == [2]
+  warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warning) == 1 and "step 2" in warning[0] and "falling back" in warning[0]
+  assert len(warning[0]) < 800 and warning[0].count("\n") == 0  # no TensorStore dump
+  # An explicit step is never swapped for another: the short error instead.
+  with pytest.raises(ckpt.CorruptCheckpointError) as e:
+    ckpt.restore(manager, target, step=2)
+  assert "step 2" in str(e.value) and len(str(e.value)) < 800
+  with pytest.raises(ckpt.CheckpointError, match=r"step 3 is not kept .*\[1, 2\]"):
+    ckpt.restore(manager, target, step=3)
+  # Another model's state is no corruption: an error, not a fallback to older steps.
+  with pytest.raises(ckpt.IncompatibleCheckpointError, match="step 1"):
+    ckpt.restore(manager, jax.eval_shape(lambda: _state(0, width=5)))
+  # Every kept step corrupt: one error listing each.
+  _corrupt_data_files(tmp_path / "ck" / "1")
+  with pytest.raises(ckpt.CorruptCheckpointError, match="every kept checkpoint") as e:
+    ckpt.restore(ckpt.make_manager(str(tmp_path / "ck")), target)
+  assert "step 1" in str(e.value) and "step 2" in str(e.value)
+  assert ckpt.restore(ckpt.make_manager(str(tmp_path / "empty")), target) is None
+
+
+def test_steps_after_a_restored_one_are_set_aside(tmp_path):
+  manager = ckpt.make_manager(str(tmp_path / "ck"), max_to_keep=5)
+  for step in (2, 4, 6):
+    ckpt.save(manager, step, jax.device_get(_state(step)))
+  os.makedirs(tmp_path / "aside" / "4")  # never overwritten
+  assert ckpt.set_aside_steps_after(manager, 2, str(tmp_path / "aside")) == [4, 6]
+  assert manager.all_steps() == [2]
+  assert sorted(os.listdir(tmp_path / "aside")) == ["4", "4.1", "6"]
+  assert ckpt.save(manager, 4, jax.device_get(_state(7)))  # the new trajectory's step 4
+  assert _equal(ckpt.restore(manager, jax.eval_shape(lambda: _state(0))).state, _state(7))
+  assert ckpt.set_aside_steps_after(manager, 4, str(tmp_path / "aside")) == []
+
+
+def test_async_save_is_complete_after_wait(tmp_path):
+  manager = ckpt.make_manager(str(tmp_path / "ck"))
+  assert ckpt.save(manager, 3, jax.device_get(_state(3)), meta={"a": 1}, wait_for_it=False)
+  ckpt.wait(manager)
+  got = ckpt.restore(ckpt.make_manager(str(tmp_path / "ck")), jax.eval_shape(lambda: _state(0)))
+  assert got.step == 3 and _equal(got.state, _state(3)) and got.meta == {"a": 1}
+
+
+def test_check_finite_refuses_nan_and_names_the_latest_checkpoint(tmp_path):
+  manager = ckpt.make_manager(str(tmp_path / "ck"))
+  state = _state(1)
+  ckpt.check_finite(manager, 1, state, jnp.float32(2.0))  # finite: no error
+  with pytest.raises(ckpt.NonFiniteStateError, match="no checkpoint was written"):
+    ckpt.check_finite(manager, 1, state, jnp.float32(np.inf))
+  ckpt.save(manager, 10, jax.device_get(state))
+  bad_params = state.replace(params=jax.tree.map(lambda x: x.at[0].set(np.nan), state.params))
+  bad_opt = state.replace(opt_state=jax.tree.map(
+      lambda x: x * np.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state))
+  for bad in (bad_params, bad_opt):
+    with pytest.raises(ckpt.NonFiniteStateError,
+                       match=r"step 12 .*not saved; the latest finite checkpoint is step 10"):
+      ckpt.check_finite(manager, 12, bad)
+  assert not bool(ckpt.all_finite(bad_params)) and bool(ckpt.all_finite(state))
