@@ -388,13 +388,17 @@ def set_aside_steps_after(manager: ocp.CheckpointManager, step: int, dest: str) 
   manager.wait_until_finished()
   newer = sorted(s for s in manager.all_steps() if s > step)
   directory = str(manager.directory)
-  for s in newer:
-    os.makedirs(dest, exist_ok=True)
-    target, n = os.path.join(dest, str(s)), 1
-    while os.path.exists(target):
-      target, n = os.path.join(dest, f"{s}.{n}"), n + 1
-    os.rename(os.path.join(directory, str(s)), target)
+  if jax.process_index() == 0:  # a multi-process run: process 0 moves, the others wait
+    for s in newer:
+      os.makedirs(dest, exist_ok=True)
+      target, n = os.path.join(dest, str(s)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+      os.rename(os.path.join(directory, str(s)), target)
   if newer:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("qgnn_jax.checkpoint.set_aside_steps_after")
     manager.reload()
   return newer
 
