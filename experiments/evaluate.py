@@ -30,7 +30,7 @@ def main(argv):
     out = experiment.evaluate_checkpoint(fl.workdir, fl.step, fl.split)
   except run_config.ConfigError as e:
     fail(str(e), EXIT_CONFIG)
-  except (FileNotFoundError, ckpt.CheckpointError) as e:
+  except (FileNotFoundError, ckpt.CheckpointError, experiment.DataError) as e:
     if fl.verbose:
       raise
     fail(str(e), EXIT_ERROR)

@@ -61,7 +61,6 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   from qgnn_jax import checkpoint as ckpt  # heavy imports after flag parsing
   from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
-  from qgnn_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -71,7 +70,7 @@ def main(argv):
   except run_config.ConfigError as e:
     fail(str(e), EXIT_CONFIG)
   except (run_config.ConfigMismatchError, ckpt.CheckpointError, ckpt.NonFiniteStateError,
-          DatasetNotFoundError) as e:
+          experiment.DataError) as e:
     distributed.exit_on_error(e)  # multi-process: one clear message, exit 1, no hang
     if fl.verbose:
       raise

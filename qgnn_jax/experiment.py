@@ -51,6 +51,10 @@ DISCARDED_DIR = "discarded_checkpoints"
 KILL_AT_ENV = "QGNN_TEST_KILL_AT"
 
 
+class DataError(RuntimeError):
+  """The run's dataset could not be loaded; the message names the file or what was tried."""
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -253,10 +257,16 @@ def setup(config, workdir: str) -> Run:
   """Data, model, optimiser and a freshly initialised state; the checkpoint manager.
 
   The only file it creates is the workdir's checkpoints/ folder (after the data is read).
+  Raises DataError (naming the file, e.g. a truncated .gz IDX file) when the data cannot
+  be loaded.
   """
   main = distributed.is_main_process()
   num_devices = jax.local_device_count()
-  data = input_pipeline(config, num_devices)
+  try:
+    data = input_pipeline(config, num_devices)
+  except (ValueError, OSError, EOFError) as e:  # missing, truncated or malformed files
+    raise DataError(f"config.dataset={config.dataset!r}: the data could not be loaded: "
+                    f"{e}") from e
   info, steps_per_epoch = data["info"], data["steps_per_epoch"]
   total_steps = int(config.num_steps) or int(round(config.num_epochs * steps_per_epoch))
   warmup = int(round(config.warmup_epochs * steps_per_epoch))

@@ -199,6 +199,44 @@ def test_corrupt_latest_checkpoint_falls_back(finished, tmp_path, caplog):
   assert (wd / "discarded_checkpoints" / "4").is_dir()
   assert res["top1"] == finished[1]["top1"]
   _assert_trees_equal(_host_state(finished[0]), _host_state(wd))
+  # An explicit --config.restore_step: that step, the newer one set aside, same result.
+  (wd / "results.json").unlink()
+  res = experiment.train_and_evaluate(_config(restore_step=2), str(wd))
+  assert (wd / "discarded_checkpoints" / "4.1").is_dir() and res["top1"] == finished[1]["top1"]
+  assert [l["step"] for l in _read_jsonl(wd / "metrics.jsonl") if l["split"] == "train"] == [
+      1, 2, 3, 4]
+
+
+def _truncated_idx_dir(tmp_path):
+  import gzip
+  d = tmp_path / "fm"
+  d.mkdir()
+  for split, n in (("train", 64), ("t10k", 16)):
+    images = struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + bytes(n * 28 * 28)
+    labels = struct.pack(">BBBBI", 0, 0, 8, 1, n) + bytes(n)
+    for name, raw in ((f"{split}-images-idx3-ubyte.gz", images),
+                      (f"{split}-labels-idx1-ubyte.gz", labels)):
+      (d / name).write_bytes(gzip.compress(raw))
+  path = d / "train-images-idx3-ubyte.gz"
+  path.write_bytes(path.read_bytes()[:-20])  # cut off, as by an interrupted copy
+  return d
+
+
+def test_truncated_idx_file_is_named_in_one_line(tmp_path):
+  d = _truncated_idx_dir(tmp_path)
+  with pytest.raises(experiment.DataError, match=r"config.dataset='fashion_mnist': the data "
+                                                 r"could not be loaded: .*train-images-idx3-"
+                                                 r"ubyte\.gz: truncated gzip file"):
+    experiment.train_and_evaluate(_config(dataset="fashion_mnist", model="vig_tiny_28",
+                                          data_dir=str(d)), str(tmp_path / "wd"))
+  out = subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={tmp_path / 'cli'}",
+                        "--config.pretrain_fp_epochs=0", "--config.dataset=fashion_mnist",
+                        "--config.model=vig_tiny_28", f"--config.data_dir={d}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  errors = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 1 and len(errors) == 1, out.stderr[-3000:]
+  assert errors[0].startswith("error: config.dataset='fashion_mnist'") and \
+      "train-images-idx3-ubyte.gz: truncated gzip" in errors[0]
 
 
 def test_qat_init_from_fp_and_quantized_size(tmp_path):
