@@ -9,7 +9,11 @@ for vig_tiny_28, batch 128, 1 device, fp / pq / pq+aqd+sqd. Run once per checkou
 (the old API, before commit 7bc9a90, took a QuantConfig; the new one rules). Results of
 2026-12-03: identical for fp and pq; pq+aqd+sqd within 16 instructions (README note).
 """
-import sys, json, jax, jax.numpy as jnp, numpy as np
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 which = sys.argv[1]
 from qgnn_jax import train as T
 from qgnn_jax.models import create_model
