@@ -485,8 +485,12 @@ def run_pipeline(config, workdir: str, allow_config_change: bool = False) -> lis
     phases = [(os.path.basename(os.path.normpath(workdir)), config, workdir)]
   for _, cfg, wd in phases:  # every phase checked before anything runs
     check_workdir(cfg, wd, allow_config_change, check_init_from=len(phases) == 1)
-  rows = [(name, train_and_evaluate(cfg, wd, allow_config_change)) for name, cfg, wd in phases]
-  rows = [(n, r) for n, r in rows if r]
+  rows = []
+  for name, cfg, wd in phases:
+    res = train_and_evaluate(cfg, wd, allow_config_change)
+    if not res:  # stopped early (stop_at_step): later phases wait for it to finish
+      break
+    rows.append((name, res))
   if rows and distributed.is_main_process():
     print("\n" + results_lib.summary_table(rows))
   return rows
