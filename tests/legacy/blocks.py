@@ -1,4 +1,6 @@
-"""Vision GNN building blocks (Han et al., NeurIPS 2022), NHWC, quantizable.
+"""LEGACY (issue 12 equivalence test only): the hand-wired QuantDense blocks.
+
+Vision GNN building blocks (Han et al., NeurIPS 2022), NHWC, quantizable.
 
 Every block takes the call-time quantization arguments of
 `qgnn_jax.layers` as keywords (train, mode, bypass_prob, calibrate) and
@@ -10,44 +12,12 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qgnn_jax import graph
+from qgnn_jax.models.blocks import DropPath, batch_norm, gelu  # unchanged by the redesign
 from tests.legacy.layers import FP, QuantConfig, QuantConv, QuantDense
-
-
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU in the official ViG."""
-  return nn.gelu(x, approximate=False)
-
-
-def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, name: Optional[str] = None):
-  """BatchNorm with PyTorch's defaults (momentum 0.1 == flax 0.9, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops whole residual branches per sample ('dropout' rng)."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
-      return x
-    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
-
-
-def knn_schedule(k: int, depth: int, num_nodes: int) -> tuple[list[int], list[int]]:
-  """Neighbours and dilation per block: k grows linearly k -> 2k; d = min(i//4+1, N//max_k)."""
-  ks = [int(v) for v in np.linspace(k, 2 * k, depth)]
-  max_dilation = max(1, num_nodes // max(ks))
-  ds = [min(i // 4 + 1, max_dilation) for i in range(depth)]
-  return ks, ds
 
 
 class Stem(nn.Module):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.legacy.layers import FP, QuantConfig
-from tests.legacy.blocks import FFN, Grapher, Head, Stem, knn_schedule
+from qgnn_jax.models.blocks import knn_schedule
+from tests.legacy.blocks import FFN, Grapher, Head, Stem
 
 
 class ViG(nn.Module):
