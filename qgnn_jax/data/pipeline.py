@@ -8,9 +8,9 @@ vectorised (gather, crop + flip, normalise, device split) from arrays in memory:
 * augmentation: per example, from ``(seed, step, global position)``
   (:func:`~qgnn_jax.data.augment.example_keys`), so a global batch is the same
   whether one or several processes build it;
-* grain runs the batch builder in ``num_threads`` worker threads, prefetches, and
-  (``device_put=True``) copies each batch to the local devices from a background
-  thread (``grain.experimental.device_put``);
+* grain runs the batch builder in ``num_threads`` worker threads and prefetches it in a
+  background thread, which (``device_put=True``) also copies each batch to the local
+  devices;
 * the iterator is a ``grain.DatasetIterator``: ``get_state()`` is
   ``{"next_index": step}`` (the global step, the same on every process and for every
   process count), saved with each checkpoint and restored with ``set_state`` for an
@@ -27,6 +27,7 @@ import os
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import grain
+import jax
 import numpy as np
 
 from qgnn_jax.data import sharding
@@ -40,8 +41,13 @@ MAX_STEPS = 2 ** 62  # the length of the (endless) training dataset
 
 
 def default_threads() -> int:
-  """Worker threads of the batch builder: the CPU count, at most 4."""
-  return max(1, min(4, os.cpu_count() or 1))
+  """Worker threads of the batch builder: a quarter of the CPUs, at most 4.
+
+  0 on a small machine: the batches are then built in the prefetch thread, which is
+  faster there than handing them between threads (2-core CPU, fashion_mnist, batch 128:
+  76k img/s with 0 worker threads, 69k with 2).
+  """
+  return max(0, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _check_arrays(images: Array, labels: Array) -> Array:
@@ -131,7 +137,7 @@ def iterate(dataset: grain.MapDataset, start: int = 0, num_threads: Optional[int
     dataset: from :func:`train_dataset` / :func:`eval_dataset`.
     start: first element (the step a resumed run starts at), ``>= 0``.
     num_threads: worker threads building batches (default :func:`default_threads`); 0
-      builds them in the consumer's thread.
+      builds them in the prefetch thread.
     prefetch: batches kept ready, ``>= 1``.
     device_put: copy every batch to the first ``num_devices`` local devices (``jax.pmap``'s
       layout, :func:`sharding.local_sharding`) from a background thread.
@@ -144,9 +150,10 @@ def iterate(dataset: grain.MapDataset, start: int = 0, num_threads: Optional[int
   ds = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads) if num_threads
       else 0))
-  if device_put:
-    ds = grain.experimental.device_put(ds, sharding.local_sharding(num_devices, axis_name),
-                                       cpu_buffer_size=prefetch, device_buffer_size=prefetch)
+  if device_put:  # one background thread builds (if num_threads == 0) and copies
+    target = sharding.local_sharding(num_devices, axis_name)
+    ds = ds.map(lambda batch: jax.device_put(batch, target))
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   it = ds.__iter__()
   if start:
     it.set_state({"next_index": int(start)})
