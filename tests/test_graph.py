@@ -173,7 +173,7 @@ def test_grapher_is_permutation_equivariant(train):
 
   @jax.jit
   def run(x):
-    return block.apply(variables, x, train=train, mode="fp", mutable=["batch_stats"])
+    return block.apply(variables, x, train=train, mutable=["batch_stats"])
 
   y, stats = run(x)
   xp = x.reshape(b, h * w, c)[:, perm].reshape(b, h, w, c)
@@ -193,7 +193,7 @@ def test_grapher_segment_equals_dense(r):
   variables = host_variables(dense, x)
 
   def loss(block, x):
-    return jnp.sum(jnp.sin(block.apply(variables, x, mode="fp")))
+    return jnp.sum(jnp.sin(block.apply(variables, x)))
 
   vd, gd = jax.jit(jax.value_and_grad(functools.partial(loss, dense)))(x)
   vs, gs = jax.jit(jax.value_and_grad(functools.partial(loss, seg)))(x)
