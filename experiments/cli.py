@@ -2,7 +2,14 @@
 import logging as py_logging
 import sys
 
-from absl import logging
+from absl import flags, logging
+
+from qgnn_jax import compile_cache
+
+flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache (default: $QGNN_JAX_COMPILATION_CACHE, "
+    "else ~/.cache/qgnn_jax/jax_compilation_cache); 'off' disables it.")
 
 # Exit statuses: a bad config field or flag (nothing was written); any other error that
 # stops a run (a refused restart, a diverged or corrupt run, missing data).
@@ -13,6 +20,11 @@ def set_console(verbose: bool) -> None:
   """absl / orbax INFO lines hidden unless verbose (warnings and errors always shown)."""
   logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
   py_logging.getLogger().setLevel(py_logging.INFO if verbose else py_logging.WARNING)
+
+
+def setup_compilation_cache() -> None:
+  """Turns JAX's persistent compilation cache on as --compilation_cache says."""
+  compile_cache.enable(flags.FLAGS.compilation_cache)
 
 
 def fail(message: str, status: int) -> None:

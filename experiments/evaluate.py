@@ -9,7 +9,7 @@ config.json with a bad field exits with status 2; a missing workdir or checkpoin
 """
 from absl import app, flags
 
-from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console
+from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console, setup_compilation_cache
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -24,6 +24,7 @@ def main(argv):
   del argv
   fl = flags.FLAGS
   set_console(fl.verbose)
+  setup_compilation_cache()
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
   try:

@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console
+from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console, setup_compilation_cache
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -52,6 +52,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   fl = flags.FLAGS
   set_console(fl.verbose)
+  setup_compilation_cache()
   from qgnn_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(fl.distributed, fl.coordinator_address, fl.num_processes,
