@@ -6,6 +6,7 @@ pooled, as in the pyramid ViG), C = channels, K = neighbours per node.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import jax
@@ -144,6 +145,53 @@ def max_relative_segment(graph: jraph.GraphsTuple,
                            indices_are_sorted=True)
 
 
+def gather_max(src: jax.Array, neighbors: jax.Array) -> jax.Array:
+  """max_k src[b, neighbors[b, n, k], c]: the channel-wise max over each node's neighbours.
+
+  Args:
+    src: (B, M, C) sender features (any float dtype); neighbors: (B, N, K) int indices
+      into M.
+  Returns:
+    (B, N, C), src's dtype. Differentiable w.r.t. `src`: the gradient of each output goes
+    to the one neighbour that attains the max (the first of them on a tie, as torch.max's
+    backward in the official ViG), scattered straight into (B, M, C). The backward saves
+    the (B, N, C) int32 arg-max sender instead of the (B, N, K, C) float mask and count
+    that JAX's generic `reduce_max` derivative materialises.
+  """
+  return _gather_max(src, neighbors, src.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_max(src, neighbors, num_senders):
+  del num_senders  # the backward's scatter size (static)
+  return jnp.max(_gather(src, neighbors), axis=2)
+
+
+def _gather(src, neighbors):
+  return jax.vmap(lambda s, idx: s[idx])(src, neighbors)  # (B, N, K, C)
+
+
+def _gather_max_fwd(src, neighbors, num_senders):
+  del num_senders
+  gathered = _gather(src, neighbors)
+  arg = jnp.argmax(gathered, axis=2)  # (B, N, C): first maximum along K
+  out = jnp.max(gathered, axis=2)
+  sender = jnp.take_along_axis(neighbors.astype(jnp.int32), arg.astype(jnp.int32), axis=2)
+  return out, sender
+
+
+def _gather_max_bwd(m, sender, g):
+  b, _, c = g.shape
+  # Flat index of (b, sender, c) in the (B, M, C) cotangent; a 1-D scatter-add of B*N*C.
+  flat = (jnp.arange(b, dtype=jnp.int32)[:, None, None] * m + sender) * c + jnp.arange(
+      c, dtype=jnp.int32)
+  d_src = jnp.zeros((b * m * c,), g.dtype).at[flat.reshape(-1)].add(g.reshape(-1))
+  return d_src.reshape(b, m, c), None
+
+
+_gather_max.defvjp(_gather_max_fwd, _gather_max_bwd)
+
+
 def max_relative_dense(x: jax.Array, neighbors: jax.Array,
                        keys: Optional[jax.Array] = None) -> jax.Array:
   """Max-relative aggregation for fixed-degree graphs by a dense gather.
@@ -155,12 +203,11 @@ def max_relative_dense(x: jax.Array, neighbors: jax.Array,
     x: (B, N, C) node features; neighbors: (B, N, K) int indices into keys.
     keys: optional (B, M, C) sender features (default x).
   Returns:
-    (B, N, C), same values and gradients as `max_relative_segment` on the
-    equivalent GraphsTuple.
+    (B, N, C), the same values as `max_relative_segment` on the equivalent GraphsTuple,
+    and the same gradients where the max is unique; on ties the gradient goes to the first
+    arg-max neighbour (torch.max's rule) where jraph's segment_max splits it (`gather_max`).
   """
-  src = x if keys is None else keys
-  gathered = jax.vmap(lambda s, idx: s[idx])(src, neighbors)  # (B, N, K, C)
-  return jnp.max(gathered, axis=2) - x
+  return gather_max(x if keys is None else keys, neighbors) - x
 
 
 def max_relative(x: jax.Array, neighbors: jax.Array, keys: Optional[jax.Array] = None,

@@ -153,6 +153,35 @@ def test_segment_path_equals_dense_path(pooled):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_max_equals_autodiff_of_reduce_max(dtype):
+  """The hand-written backward (scatter to the arg-max sender) equals JAX's reduce_max
+  derivative where every max is unique (random inputs), in values and gradients."""
+  b, n, m, c, k = 3, 10, 7, 5, 4
+  src = _randn(21, (b, m, c)).astype(dtype)
+  nbrs = jax.random.randint(jax.random.key(22), (b, n, k), 0, m)
+  # Neighbour lists without repeats, as k-NN gives (a repeat is a tie by construction).
+  nbrs = jnp.argsort(jax.random.uniform(jax.random.key(23), (b, n, m)), axis=-1)[..., :k]
+  w = _randn(24, (b, n, c)).astype(dtype)
+  ref = lambda s: jnp.max(jax.vmap(lambda a, i: a[i])(s, nbrs), axis=2)
+  np.testing.assert_array_equal(jax.jit(graph.gather_max)(src, nbrs), ref(src))
+  g_new = jax.jit(jax.grad(lambda s: jnp.sum(w * graph.gather_max(s, nbrs)).astype(
+      jnp.float32)))(src)
+  g_ref = jax.jit(jax.grad(lambda s: jnp.sum(w * ref(s)).astype(jnp.float32)))(src)
+  assert g_new.dtype == dtype
+  np.testing.assert_allclose(np.asarray(g_new, np.float32), np.asarray(g_ref, np.float32),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_gather_max_gives_a_tie_to_the_first_neighbour():
+  """Two neighbours with equal features: torch.max's rule (all to the first in the list),
+  where reduce_max's derivative would split it in halves."""
+  src = jnp.array([[[1.0, 5.0], [2.0, 5.0], [2.0, 0.0]]])  # (1, 3, 2): senders 1 and 2 tie
+  nbrs = jnp.array([[[2, 1, 0]]])  # (1, 1, 3): sender 2 comes first
+  g = jax.grad(lambda s: jnp.sum(graph.gather_max(s, nbrs)))(src)
+  np.testing.assert_array_equal(g[0], [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+
+
 def test_max_relative_rejects_unknown_impl():
   with pytest.raises(ValueError, match="impl"):
     graph.max_relative(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4, 2), jnp.int32), impl="sparse")
