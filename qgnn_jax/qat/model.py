@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -78,6 +78,20 @@ def _next_site_index(module: nn.Module) -> int:
   return n
 
 
+class OpLayout(NamedTuple):
+  """Where an intercepted op's operand axes land in its output.
+
+  w_out_axes: output axis of each of the weight's output-channel axes (in the order of
+    the weight's channel axes as `site.quantize_operands` takes them).
+  x_free_axes: the activation's axes that the op maps one-to-one to output axes (batch,
+    tokens; a conv's batch axis, not its spatial ones), and out_free_axes their output axes:
+    a term constant along them can be computed on size-1 slices and broadcast.
+  """
+  w_out_axes: Tuple[int, ...]
+  x_free_axes: Tuple[int, ...]
+  out_free_axes: Tuple[int, ...]
+
+
 class _Provider(qwix.QuantizationProvider):
   """Intercepts the linear ops of a linen model and quantizes them by rules."""
 
@@ -100,6 +114,21 @@ class _Provider(qwix.QuantizationProvider):
     if site_lib.current_settings().mode == "fp" and not module.is_initializing():
       return None, module  # fp: no quantizer op traced, no state touched
     return rule, module
+
+  def _site(self, module: nn.Module, rule: QuantRule, op_name: str, op, x, x_axes, w, w_axes,
+            layout: "OpLayout"):
+    """One intercepted op at a site: op(x_hat, w_hat) with both operands fake-quantized.
+
+    op(x, w, **overrides): the original op, activation first, weight second (overrides:
+    e.g. preferred_element_type). x_axes / w_axes: the activation's input-channel axes and
+    the weight's output-channel axes (`site.quantize_operands`); layout: where the op puts
+    them in its output (subclasses computing the op another way, e.g. on integer codes in
+    `qgnn_jax.export`, use it).
+    """
+    del op_name, layout
+    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
+                                              x, x_axes, w, w_axes)
+    return op(x_hat, w_hat)
 
   def _no_weight(self, module: nn.Module, op_name: str) -> None:
     key = (_module_path(module), op_name)
@@ -125,15 +154,26 @@ class _Provider(qwix.QuantizationProvider):
       self._no_weight(module, "dot_general")
       return op(lhs, rhs)
     w_out = tuple(a for a in range(w.ndim) if a not in wc)  # batch + free: output channels
-    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
-                                              x, xc, w, w_out)
-    return op(x_hat, w_hat) if w_is_rhs else op(w_hat, x_hat)
+    # Output dims of dot_general: batch, lhs free, rhs free (each in axis order).
+    nb = len(lb)
+    lfree = [a for a in range(lhs.ndim) if a not in tuple(lc) + tuple(lb)]
+    rfree = [a for a in range(rhs.ndim) if a not in tuple(rc) + tuple(rb)]
+    wb, wfree, xfree = (rb, rfree, lfree) if w_is_rhs else (lb, lfree, rfree)
+    wfree_at = nb + (len(lfree) if w_is_rhs else 0)
+    xfree_at = nb + (0 if w_is_rhs else len(lfree))
+    out_of = {a: i for i, a in enumerate(wb)}
+    out_of.update({a: wfree_at + j for j, a in enumerate(wfree)})
+    layout = OpLayout(w_out_axes=tuple(out_of[a] for a in w_out),
+                      x_free_axes=tuple(xfree),
+                      out_free_axes=tuple(xfree_at + j for j in range(len(xfree))))
+    call = op if w_is_rhs else (lambda a, b, **kw: op(b, a, **kw))
+    return self._site(module, rule, "dot_general", call, x, xc, w, w_out, layout)
 
   def _conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                             rhs_dilation=None, dimension_numbers=None, *args, **kwargs):
-    op = lambda a, b: jax.lax.conv_general_dilated(
+    op = lambda a, b, **kw: jax.lax.conv_general_dilated(
         a, b, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        *args, **kwargs)
+        *args, **{**kwargs, **kw})
     rule, module = self._rule("conv_general_dilated")
     if rule is None:
       return op(lhs, rhs)
@@ -144,9 +184,10 @@ class _Provider(qwix.QuantizationProvider):
     # lhs_spec = (batch, feature, spatial...), rhs_spec = (out feature, in feature, ...):
     # the weight's channel axis is its output-feature axis, also for grouped convs (each
     # output channel belongs to one group); the activation's is its feature axis.
-    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
-                                              lhs, (dn.lhs_spec[1],), rhs, (dn.rhs_spec[0],))
-    return op(x_hat, w_hat)
+    layout = OpLayout(w_out_axes=(dn.out_spec[1],), x_free_axes=(dn.lhs_spec[0],),
+                      out_free_axes=(dn.out_spec[0],))
+    return self._site(module, rule, "conv_general_dilated", op, lhs, (dn.lhs_spec[1],), rhs,
+                      (dn.rhs_spec[0],), layout)
 
   def _einsum(self, subscripts, *operands, **kwargs):
     rule, module = self._rule("einsum")
@@ -167,11 +208,27 @@ class _Provider(qwix.QuantizationProvider):
     # per input channel = its axes shared with the weight (contracted or batch).
     wc = tuple(i for i, c in enumerate(w_letters) if c in output)
     xc = tuple(i for i, c in enumerate(x_letters) if c in w_letters and c != ".")
-    x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
-                                              operands[xi], xc, operands[wi], wc)
-    ops = [None, None]
-    ops[wi], ops[xi] = w_hat, x_hat
-    return jnp.einsum(subscripts, *ops, **kwargs)
+    # Output positions ('...' expanded to the broadcast of the operands' ellipses).
+    ell = max([0] + [operands[i].ndim - len(specs[i].replace("...", ""))
+                     for i in (0, 1) if "..." in specs[i]])
+    out_letters = _letters(output, len(output.replace("...", "")) + ell)
+    x_free, out_free = [], []
+    for i, c in enumerate(x_letters):
+      if c != "." and c not in w_letters and c in output:
+        x_free.append(i)
+        out_free.append(out_letters.index(c))
+    if "." in x_letters and "." not in w_letters and "." in out_letters:
+      # x's '...' axes are the output's (the weight has none): free, in order.
+      x_free += [i for i, c in enumerate(x_letters) if c == "."]
+      out_free += [i for i, c in enumerate(out_letters) if c == "."]
+    layout = OpLayout(w_out_axes=tuple(out_letters.index(w_letters[i]) for i in wc),
+                      x_free_axes=tuple(x_free), out_free_axes=tuple(out_free))
+
+    def call(x_op, w_op, **kw):
+      ops = [None, None]
+      ops[wi], ops[xi] = w_op, x_op
+      return jnp.einsum(subscripts, *ops, **{**kwargs, **kw})
+    return self._site(module, rule, "einsum", call, operands[xi], xc, operands[wi], wc, layout)
 
 
 def _letters(spec: str, ndim: int) -> str:

@@ -20,6 +20,7 @@ from typing import Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qgnn_jax.quant.quantizers import (Array, ArrayLike, _as_float, _check_broadcast,
                                        _compute_dtype, _concrete, _is_traced, _levels,
@@ -130,6 +131,13 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
   check = not _is_traced(codes) and codes.size > 0
+  if not _is_traced(codes):  # eager: numpy, no compile per shape (export of a whole model)
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    if check and (flat.min() < -(2 ** (bits - 1)) or flat.max() > 2 ** bits - 1):
+      raise ValueError(f"codes in [{flat.min()}, {flat.max()}] do not fit in bits={bits}; valid "
+                       f"range is [{-(2 ** (bits - 1))}, {2 ** bits - 1}]")
+    stream = ((flat[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    return jnp.asarray(np.packbits(stream, bitorder="little"))
   packed, span = _pack_entry(codes, bits, check)
   if check and not _is_traced(span):
     cmin, cmax = int(span[0]), int(span[1])
@@ -176,6 +184,13 @@ def unpack_bits(packed: ArrayLike, bits: int, n: Union[int, Sequence[int]],
   if packed.size < need:
     raise ValueError(f"packed has {packed.size} bytes but {count} codes of {bits} bits "
                      f"need {need}")
+  if not _is_traced(packed):  # eager: numpy, no compile per shape
+    stream = np.unpackbits(np.asarray(packed).reshape(-1)[:need], bitorder="little")
+    codes = (stream[:count * bits].reshape(count, bits).astype(np.int64)
+             << np.arange(bits)).sum(axis=1)
+    if signed:
+      codes = np.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes)
+    return jnp.asarray(codes.astype(np.int32).reshape(shape))
   return _unpack_impl(packed, bits, shape, bool(signed))
 
 
