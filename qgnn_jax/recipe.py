@@ -6,7 +6,6 @@ library objects; `experiment.py` (the run) and `experiments/bench.py` call it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -16,7 +15,6 @@ import numpy as np
 from qgnn_jax import qat, quant
 from qgnn_jax import train as train_lib
 from qgnn_jax.models import FEATURE_TAPS, LAYER_GROUPS, create_model
-from qgnn_jax.qat import site as qat_site
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -52,13 +50,27 @@ def parse_method(method: str) -> Method:
   return Method(None if base == "fp" else base, "aqd" in extras, "sqd" in extras)
 
 
+# The ops of each LAYER_GROUPS group whose input comes straight out of a GELU (bounded
+# below at about -0.17): Grapher and FFN fc2, the stem's convs after the first, the
+# classifier. Every other quantized op of the ViGs (fc1, the graph conv, the pyramid's
+# Downsample, the head's fc) reads the residual stream or a BN output: any sign. None
+# is non-negative by construction. (Belongs beside LAYER_GROUPS in qgnn_jax.models.)
+GELU_INPUTS: Dict[str, str] = {
+    "body": r"(grapher|ffn)\d+/fc2",
+    "stem_rest": LAYER_GROUPS["stem_rest"],
+    "head": r"head/classifier",
+}
+
+
 def quant_rules(config) -> Tuple[qat.QuantRule, ...]:
   """The model's quantization rules for a run config (none for 'fp').
 
   SPEC §2: the body (every Dense / 1x1 conv of Grapher, graph conv and FFN, the pyramid's
   Downsample convs) is quantized; the stem's convs after the first follow
   `quantize_stem`, the head's hidden layer and classifier `quantize_head`; the first
-  stem conv always stays full precision (no rule matches it).
+  stem conv always stays full precision (no rule matches it). Ops whose input is a GELU
+  output (`GELU_INPUTS`) get `a_grid=config.lsq_gelu_grid` (LSQ's activation grid there),
+  every other op the signed grid; range quantizers ignore the grid.
   """
   m = parse_method(config.method)
   if not m.quantized:
@@ -67,10 +79,16 @@ def quant_rules(config) -> Tuple[qat.QuantRule, ...]:
       w_quantizer=m.quantizer, a_quantizer=m.quantizer, w_bits=int(config.w_bits),
       a_bits=int(config.a_bits), lam=float(config.lam), ema_momentum=float(config.ema_momentum),
       w_symmetric=bool(config.w_symmetric), a_symmetric=bool(config.a_symmetric),
-      w_granularity=str(config.w_granularity), a_granularity=str(config.a_granularity))
+      w_granularity=str(config.w_granularity), a_granularity=str(config.a_granularity),
+      range_grad=bool(config.range_grad))
   groups = ["body"] + ["stem_rest"] * bool(config.quantize_stem) + \
       ["head"] * bool(config.quantize_head)
-  return tuple(qat.QuantRule(module_path=LAYER_GROUPS[g], **settings) for g in groups)
+  rules = []
+  for g in groups:
+    rules.append(qat.QuantRule(module_path=GELU_INPUTS[g], a_grid=str(config.lsq_gelu_grid),
+                               **settings))
+    rules.append(qat.QuantRule(module_path=LAYER_GROUPS[g], a_grid="signed", **settings))
+  return tuple(rules)
 
 
 def loss_config(config) -> train_lib.LossConfig:
@@ -98,27 +116,21 @@ def build_model(config, num_classes: int, axis_name: Optional[str] = None
 # ----------------------------------------------------------------------------- model size
 
 
-def model_size_bytes(params: Any, quant_stats: Any) -> Dict[str, int]:
-  """Parameter count and storage: fp32 everywhere vs. quantized kernels packed at w_bits.
+def model_size_bytes(config, num_classes: int, variables: Any,
+                     source: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+  """Parameter count and the real sizes of the run's export (`qgnn_jax.export`).
 
-  A kernel counts as quantized when its layer has a quantizer site with a `site` marker
-  in quant_stats (holding w_bits); it is stored as packed codes plus one float32
-  scale per output channel. Everything else (BN, biases, stem/head kept FP,
-  LSQ steps) stays float32.
+  model_bytes_quantized: the bytes of the file `experiments.export` writes for these
+  variables (packed codes, scales and zero points, activation quantizer parameters, FP
+  parameters, BN statistics, model and rules; `source` is its provenance record);
+  model_bytes_fp32: the same format with every kernel float32 and no quantizer sites (for
+  a full-precision run the two are the same file). params: the scalars of `params`.
   """
-  flat_p = {tuple(str(getattr(k, "key", k)) for k in path): x
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  sites = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(quant_stats or {})[0]:
-    keys = tuple(str(getattr(k, "key", k)) for k in path)
-    if len(keys) >= 2 and keys[-1] == "site" and qat_site.is_site_name(keys[-2]):
-      sites[keys[:-2] + ("kernel",)] = int(np.asarray(x))
-  n = sum(int(np.prod(x.shape)) for x in flat_p.values())
-  q_bytes = 0
-  for path, x in flat_p.items():
-    size = int(np.prod(x.shape))
-    if path in sites:
-      q_bytes += math.ceil(size * sites[path] / 8) + 4 * int(x.shape[-1])
-    else:
-      q_bytes += 4 * size
-  return {"params": n, "model_bytes_fp32": 4 * n, "model_bytes_quantized": q_bytes}
+  from qgnn_jax import export  # pylint: disable=g-import-not-at-top
+  rules = quant_rules(config)
+  kw = dict(model_kwargs=export.model_kwargs(config), source=source)
+  quantized = export.nbytes(export.build(config.model, num_classes, rules, variables, **kw))
+  fp32 = quantized if not rules else export.nbytes(
+      export.build(config.model, num_classes, rules, variables, fp32=True, **kw))
+  n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(variables["params"]))
+  return {"params": n, "model_bytes_fp32": fp32, "model_bytes_quantized": quantized}

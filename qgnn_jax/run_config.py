@@ -27,6 +27,7 @@ RESTART_SAFE_FIELDS = frozenset({
 GRAPH_IMPLS = ("dense", "segment")
 DTYPES = ("float32", "bfloat16")
 GRANULARITIES = ("channel", "tensor")
+LSQ_GRIDS = ("signed", "unsigned", "offset")  # qgnn_jax.quant.GRIDS (not imported: no jax here)
 OPTIMIZERS = ("adamw", "sgd")
 EVAL_ON = ("auto", "test", "validation")
 BITS_RANGE = (2, 16)
@@ -136,7 +137,8 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "model": _model, "method": _method, "w_bits": _int(*BITS_RANGE), "a_bits": _int(*BITS_RANGE),
     "lam": _real(0, lo_open=True), "w_symmetric": _bool, "a_symmetric": _bool,
     "w_granularity": _one_of(GRANULARITIES), "a_granularity": _one_of(GRANULARITIES),
-    "ema_momentum": _real(0, 1, hi_open=True), "quantize_stem": _bool, "quantize_head": _bool,
+    "ema_momentum": _real(0, 1, hi_open=True), "lsq_gelu_grid": _one_of(LSQ_GRIDS),
+    "range_grad": _bool, "quantize_stem": _bool, "quantize_head": _bool,
     "graph_impl": _one_of(GRAPH_IMPLS), "dtype": _one_of(DTYPES),
     "drop_path": _real(0, 1, hi_open=True), "dropout": _real(0, 1, hi_open=True),
     # self-distillation
@@ -216,17 +218,21 @@ def config_sha256(config: Any) -> str:
 
 
 _ABSENT = "(absent)"
+# Fields added after runs were made: a saved config without one was run with this value
+# (what the code did before the field existed), so its absence is no difference.
+LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False}
 
 
 def config_diff(saved: Mapping[str, Any], new: Any) -> List[Tuple[str, Any, Any]]:
   """(field, old, new) for each run-defining field that differs, sorted by field.
 
-  A field only one side has counts as a difference (old or new is '(absent)').
+  A field only one side has counts as a difference (old or new is '(absent)'), unless it
+  is in LEGACY_VALUES and the other side has that value.
   """
   old, cur = run_fields(saved), run_fields(new)
   out = []
   for k in sorted(set(old) | set(cur)):
-    a, b = old.get(k, _ABSENT), cur.get(k, _ABSENT)
+    a, b = old.get(k, LEGACY_VALUES.get(k, _ABSENT)), cur.get(k, LEGACY_VALUES.get(k, _ABSENT))
     if a != b:
       out.append((k, a, b))
   return out

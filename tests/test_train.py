@@ -7,6 +7,7 @@ import pytest
 from qgnn_jax import qat
 from qgnn_jax import train as T
 from qgnn_jax.models import FEATURE_TAPS, LAYER_GROUPS, create_model
+from qgnn_jax.recipe import GELU_INPUTS
 
 NUM_CLASSES = 10
 
@@ -17,12 +18,14 @@ def _batch(n=8, seed=0):
           "label": jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)}
 
 
-def _rules(quantizer=None, bits=4):
-  """The body of the model (every Grapher / FFN layer) at W<bits>A<bits>; () = full precision."""
+def _rules(quantizer=None, bits=4, gelu_grid="signed"):
+  """The body of the model (every Grapher / FFN layer) at W<bits>A<bits>; () = full precision.
+  gelu_grid: LSQ's activation grid at the ops fed by a GELU (recipe.GELU_INPUTS)."""
   if quantizer is None:
     return ()
-  return (qat.QuantRule(module_path=LAYER_GROUPS["body"], w_quantizer=quantizer,
-                        a_quantizer=quantizer, w_bits=bits, a_bits=bits),)
+  kw = dict(w_quantizer=quantizer, a_quantizer=quantizer, w_bits=bits, a_bits=bits)
+  return (qat.QuantRule(module_path=GELU_INPUTS["body"], a_grid=gelu_grid, **kw),
+          qat.QuantRule(module_path=LAYER_GROUPS["body"], **kw))
 
 
 def _setup(rules=(), lr=1e-2, optimizer="adamw"):
@@ -54,7 +57,9 @@ def test_extra_passes_only_when_weights_nonzero():
   assert aqd == 2 * one and both == 3 * one
 
 
-# method -> (quantizer of the body at 16 bits, loss)
+# method -> (quantizer of the body at 16 bits, loss). (lsq: the signed grid. LSQ's step
+# gradients at 16 bits are mostly float noise, so the device-count independence of its
+# gradient scale, for every grid, is checked on exact gradients in the test below.)
 TWO_DEVICE_CASES = {
     "fp": (None, T.LossConfig("fp")),
     "pq": ("pq", T.LossConfig("quant")),
@@ -112,15 +117,16 @@ def test_two_devices_equal_one_device(method):
   assert int(s1.step) == (1 if quantized else 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qgnn_jax.quant.lsq_quantize scales the step gradient by 1 / sqrt(x.size * Q_P) with "
-    "x.size of one device's shard: under pmap over D devices the (pmean-ed) activation step "
-    "gradient is sqrt(D) times the one-device gradient of the same global batch"))
-def test_lsq_activation_step_gradient_does_not_depend_on_device_count():
+# LSQ's gradient scale 1 / sqrt(numel Q_P) takes the global element count (the site's
+# state["numel"]: the shard's size times the devices), so the pmean-ed step gradients of D
+# devices equal one device's (with the shard's count they were sqrt(D) times it). Every grid:
+# signed, unsigned, LSQ+'s offset (whose offset gradient takes the same scale).
+@pytest.mark.parametrize("grid", ["signed", "unsigned", "offset"])
+def test_lsq_activation_step_gradient_does_not_depend_on_device_count(grid):
   if jax.local_device_count() < 2:
     pytest.skip("needs 2 (forced) CPU devices")
   qm = qat.quantize_model(nn.Dense(4), (qat.QuantRule(".*", w_quantizer="lsq",
-                                                      a_quantizer="lsq"),))
+                                                      a_quantizer="lsq", a_grid=grid),))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 6)), jnp.float32)
   v = qm.init(jax.random.key(0), x)
   loss = lambda p, x: jnp.mean(qm.apply({**v, "params": p}, x, axis_name=T.AXIS) ** 2)
@@ -128,8 +134,12 @@ def test_lsq_activation_step_gradient_does_not_depend_on_device_count():
                 axis_name=T.AXIS)(x.reshape(2, 4, 6))
   g1 = jax.pmap(lambda x: jax.grad(loss)(v["params"], x), axis_name=T.AXIS)(x[None])
   np.testing.assert_allclose(g2["kernel"][0], g1["kernel"][0], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(g2["quant"]["w_step"][0], g1["quant"]["w_step"][0], rtol=1e-5)
+  np.testing.assert_allclose(g2["quant"]["w_step"][0], g1["quant"]["w_step"][0], rtol=1e-5,
+                             atol=1e-8)
   np.testing.assert_allclose(g2["quant"]["a_step"][0], g1["quant"]["a_step"][0], rtol=1e-5)
+  if grid == "offset":
+    np.testing.assert_allclose(g2["quant"]["a_offset"][0], g1["quant"]["a_offset"][0],
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_train_step_learns_and_updates_stats():

@@ -21,6 +21,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.w_granularity = "channel"  # channel | tensor
   c.a_granularity = "tensor"   # channel | tensor
   c.ema_momentum = 0.9       # activation-range EMA
+  # LSQ's activation grid where the input is a GELU output (recipe.GELU_INPUTS): signed |
+  # unsigned (LSQ's after-ReLU grid, the tail below 0 clipped) | offset (LSQ+'s learnable
+  # offset); elsewhere signed. Range quantizers ignore it.
+  c.lsq_gelu_grid = "signed"
+  c.range_grad = False       # range quantizers: gradient to lo/hi and through PQ's mu, sigma
   c.quantize_stem = False
   c.quantize_head = False
   c.graph_impl = "dense"     # dense | segment (jraph)

@@ -13,7 +13,7 @@ import re
 from typing import Optional, Sequence, Tuple, Union
 
 from qgnn_jax import quant
-from qgnn_jax.quant.registry import OperandSpec, Quantizer
+from qgnn_jax.quant.registry import GRIDS, OperandSpec, Quantizer
 
 GRANULARITIES = ("tensor", "channel")
 OPS = ("dot_general", "conv_general_dilated", "einsum")
@@ -32,8 +32,15 @@ class QuantRule:
     w_bits / a_bits: int in [2, 16].
     w_granularity / a_granularity: "channel" (weights: one range per output channel;
       activations: one per input channel of the op) or "tensor".
-    w_symmetric / a_symmetric: grid [-a, a] or [lo, hi] (range quantizers; LSQ learns
-      a signed grid whatever these say).
+    w_symmetric / a_symmetric: grid [-a, a] or [lo, hi] (range quantizers; LSQ's grid
+      follows a_grid, its weights' is signed).
+    a_grid: what the activation input looks like, for LSQ's grid (range quantizers
+      take theirs from the data): "signed" (any sign: [-Q_N, Q_P]), "unsigned"
+      (non-negative by construction, e.g. after ReLU: [0, 2^b - 1], as the LSQ paper),
+      "offset" (GELU/Swish-like: LSQ+'s learnable offset on the unsigned grid).
+    range_grad: range quantizers (PQ, min-max) pass the clipped region's gradient to
+      the range and through PQ's mu, sigma to the operand (False, the default and
+      SPEC's: stop-gradient, the range is a constant).
     lam: PQ's lambda (clip at mu +- lam sigma); 2.5 won the W2A2 validation sweep.
     ema_momentum: of the activation-range EMA used at evaluation, in [0, 1).
     op_names: restrict the rule to these ops (subset of OPS); empty = all.
@@ -47,6 +54,8 @@ class QuantRule:
   a_granularity: str = "tensor"
   w_symmetric: bool = True
   a_symmetric: bool = False
+  a_grid: str = "signed"
+  range_grad: bool = False
   lam: float = 2.5
   ema_momentum: float = 0.9
   op_names: Tuple[str, ...] = ()
@@ -71,7 +80,9 @@ class QuantRule:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
         raise ValueError(f"{name}={v!r}; valid: int in [2, 16]")
-    for name in ("w_symmetric", "a_symmetric"):
+    if self.a_grid not in GRIDS:
+      raise ValueError(f"a_grid={self.a_grid!r}; valid: {GRIDS}")
+    for name in ("w_symmetric", "a_symmetric", "range_grad"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r}; valid: True or False")
     if not (isinstance(self.lam, (int, float)) and self.lam > 0):
@@ -92,12 +103,12 @@ class QuantRule:
   @property
   def weight_spec(self) -> OperandSpec:
     return OperandSpec(self.w_bits, self.w_symmetric, self.w_granularity == "channel",
-                       self.lam, "weight")
+                       self.lam, "weight", "signed", self.range_grad)
 
   @property
   def act_spec(self) -> OperandSpec:
     return OperandSpec(self.a_bits, self.a_symmetric, self.a_granularity == "channel",
-                       self.lam, "act")
+                       self.lam, "act", self.a_grid, self.range_grad)
 
   def matches(self, module_path: str, op_name: str) -> bool:
     return (not self.op_names or op_name in self.op_names) and \

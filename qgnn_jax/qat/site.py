@@ -4,7 +4,8 @@ Each op that a rule matches becomes a site: a child scope of the module that run
 op, named ``quant`` (its first op) or ``quant<n>`` (its n-th). The site owns
 
   params:       ``w_<p>`` / ``a_<p>`` for each learnable parameter p of the weight /
-                activation quantizer (LSQ: ``w_step``, ``a_step``);
+                activation quantizer (`Quantizer.param_names`; LSQ: ``w_step``,
+                ``a_step``, and ``a_offset`` on an LSQ+ grid);
   quant_stats:  ``a_lo``, ``a_hi``, ``a_count`` (EMA of the activation range, range
                 quantizers only), and ``site``, the weight bit-width (a marker the
                 model-size count reads).
@@ -103,12 +104,13 @@ def from_channels_last(y: jax.Array, how: tuple) -> jax.Array:
 def _learnable(scope, entry: Quantizer, role: str, sample: jax.Array, spec: OperandSpec,
                calibrate: bool) -> dict:
   """The entry's learnable params as `<role>_<name>` in the site's params."""
-  if not entry.learnable:
+  names = entry.param_names(spec)
+  if not names:
     return {}
   init = lambda: entry.init_params(sample, spec)
   fresh = None
   out = {}
-  for name in entry.learnable:
+  for name in names:
     full = f"{role}_{name}"
     value = scope.param(full, lambda _, n=name: (fresh or init())[n])
     if calibrate and scope.is_mutable_collection("params"):
@@ -122,7 +124,8 @@ def _learnable(scope, entry: Quantizer, role: str, sample: jax.Array, spec: Oper
 def _quantize_weight(scope, entry: Quantizer, spec: OperandSpec, w: jax.Array,
                      channel_axes: Sequence[int], calibrate: bool) -> jax.Array:
   w2, how = to_channels_last(w, channel_axes)
-  state = _learnable(scope, entry, "w", w2, spec, calibrate)
+  # Weights are replicated over the pmap axis: their element count is the global one.
+  state = {**_learnable(scope, entry, "w", w2, spec, calibrate), "numel": w2.size}
   if entry.tracks_range:
     lo, hi = entry.weight_range(w2, spec)
     state = {**state, "lo": lo, "hi": hi}
@@ -133,7 +136,10 @@ def _quantize_act(scope, entry: Quantizer, spec: OperandSpec, rule: QuantRule, x
                   channel_axes: Sequence[int], settings: CallSettings,
                   initializing: bool) -> jax.Array:
   x2, how = to_channels_last(x, channel_axes)
-  state = _learnable(scope, entry, "a", x2, spec, settings.calibrate)
+  # Each device holds 1/D of the batch: the global element count (LSQ's gradient scale).
+  devices = 1 if settings.axis_name is None else jax.lax.axis_size(settings.axis_name)
+  state = {**_learnable(scope, entry, "a", x2, spec, settings.calibrate),
+           "numel": x2.size * devices}
   if entry.tracks_range:
     shape = (x2.shape[-1],) if spec.per_channel else ()
     lo_v = scope.variable("quant_stats", "a_lo", lambda: jnp.zeros(shape, jnp.float32))

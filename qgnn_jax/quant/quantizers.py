@@ -52,7 +52,7 @@ __all__ = [
     "MIN_BITS", "MAX_BITS", "validate_bits", "validate_lam", "validate_channel_axis",
     "check_finite", "fake_quant", "pauta_range", "pauta_quantize", "minmax_range",
     "minmax_quantize", "lsq_bounds", "lsq_range", "lsq_quantize", "lsq_init_step",
-    "stochastic_round",
+    "lsq_plus_init", "stochastic_round",
 ]
 
 
@@ -235,37 +235,63 @@ def _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask):
   return out.astype(x.dtype), mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fake_quant(x, lo, hi, levels, symmetric):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fake_quant(x, lo, hi, levels, symmetric, range_grad):
   return _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask=False)[0]
 
 
-def _fake_quant_fwd(x, lo, hi, levels, symmetric):
+def _fake_quant_fwd(x, lo, hi, levels, symmetric, range_grad):
   out, mask = _fake_quant_fwd_impl(x, lo, hi, levels, symmetric, need_mask=True)
-  # Residual: one bool per element plus the (small) range arrays.
-  return out, (jnp.broadcast_to(mask, x.shape), lo, hi, levels)
+  if not range_grad:
+    # Residual: one bool per element plus the (small) range arrays.
+    return out, (jnp.broadcast_to(mask, x.shape), lo, hi, levels)
+  return out, (jnp.broadcast_to(mask, x.shape), lo, hi, levels, x)
 
 
-def _fake_quant_bwd(symmetric, res, g):
-  del symmetric
-  mask, lo, hi, levels = res
-  return (jnp.where(mask, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi),
-          jnp.zeros_like(levels))
+def _range_cotangents(x, lo, hi, symmetric, g):
+  """(d lo, d hi) of the clipped region: x_hat = lo below lo, hi above hi (STE inside)."""
+  xc = x.astype(lo.dtype)
+  gc = g.astype(lo.dtype)
+  if symmetric:
+    a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    valid = a > 0
+    # d x_hat / d a = +1 above a, -1 below -a; a = max(|lo|, |hi|) passes it to the larger.
+    da = _sum_to_shape(jnp.where(valid & (xc > a), gc, 0.0)
+                       - jnp.where(valid & (xc < -a), gc, 0.0),
+                       jnp.broadcast_shapes(lo.shape, hi.shape))
+    to_hi = jnp.abs(hi) >= jnp.abs(lo)
+    dhi = jnp.where(to_hi, jnp.sign(hi) * da, 0.0)
+    dlo = jnp.where(to_hi, 0.0, jnp.sign(lo) * da)
+  else:
+    valid = hi > lo
+    shape = jnp.broadcast_shapes(lo.shape, hi.shape)
+    dlo = _sum_to_shape(jnp.where(valid & (xc < lo), gc, 0.0), shape)
+    dhi = _sum_to_shape(jnp.where(valid & (xc > hi), gc, 0.0), shape)
+  return _sum_to_shape(dlo, lo.shape), _sum_to_shape(dhi, hi.shape)
+
+
+def _fake_quant_bwd(symmetric, range_grad, res, g):
+  mask, lo, hi, levels = res[:4]
+  dx = jnp.where(mask, g, jnp.zeros_like(g))
+  if not range_grad:
+    return dx, jnp.zeros_like(lo), jnp.zeros_like(hi), jnp.zeros_like(levels)
+  dlo, dhi = _range_cotangents(res[4], lo, hi, symmetric, g)
+  return dx, dlo.astype(lo.dtype), dhi.astype(hi.dtype), jnp.zeros_like(levels)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _fake_quant_entry(x, lo, hi, levels, symmetric, check):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _fake_quant_entry(x, lo, hi, levels, symmetric, check, range_grad=False):
   cdt = _compute_dtype(x.dtype)
   out = _fake_quant(x, jnp.asarray(lo, cdt), jnp.asarray(hi, cdt), jnp.asarray(levels, cdt),
-                    symmetric)
+                    symmetric, range_grad)
   return out, (_nonfinite_counts(x, lo, hi) if check else None)
 
 
 def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
-               symmetric: bool = False) -> Array:
+               symmetric: bool = False, range_grad: bool = False) -> Array:
   """Rounds ``x`` to a uniform b-bit grid over [lo, hi] ("fake" quantization).
 
   Args:
@@ -279,6 +305,8 @@ def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
       True -> symmetric grid on [-a, a] with a = max(|lo|, |hi|) (callers
       pass lo = -a, hi = a): s = a / (2^(b-1) - 1), codes in
       +-(2^(b-1) - 1), x_hat = s * round(clip(x, -a, a) / s).
+    range_grad: whether lo/hi receive a gradient (see below). Off by default:
+      the range is then a constant for autodiff whatever it was computed from.
 
   Returns:
     x_hat with ``x.shape`` and ``x.dtype``. Computed in float32 (float64 for
@@ -290,7 +318,12 @@ def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
 
   Gradient (custom_vjp, clipped straight-through estimator):
     dx = g * 1[lo <= x <= hi] (1 everywhere a range is degenerate);
-    d lo = d hi = 0. Residual saved for the backward pass: a bool mask.
+    d lo = d hi = 0 unless ``range_grad``; then the clipped region's gradient
+    (x_hat = lo below lo, hi above hi; rounding inside is straight-through):
+    d lo = sum g * 1[x < lo], d hi = sum g * 1[x > hi], summed to lo's / hi's
+    shape; symmetric: d a = sum g * (1[x > a] - 1[x < -a]), passed to the
+    larger of |lo|, |hi| (to hi on a tie, times its sign). Nothing for a
+    degenerate range. Residual: a bool mask (and x when ``range_grad``).
 
   Raises:
     ValueError: bad ``bits``, non-float x, lo/hi shapes that do not broadcast
@@ -304,7 +337,7 @@ def fake_quant(x: ArrayLike, lo: ArrayLike, hi: ArrayLike, bits: int,
     return jnp.asarray(x)
   check = _concrete(x, lo, hi)
   out, bad = _fake_quant_entry(x, lo, hi, _levels(bits, bool(symmetric)), bool(symmetric),
-                               check)
+                               check, bool(range_grad))
   if check:
     _raise_nonfinite(bad, ("x", "lo", "hi"))
   return out
@@ -403,14 +436,14 @@ def _minmax_range_entry(x, axis, symmetric, stop_grad, check):
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _pauta_quantize_entry(x, lam, levels, axis, symmetric, check):
   lo, hi, extrema = _pauta_range_impl(x, lam, axis, symmetric, True)
-  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
+  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric, False)
   return out, (_nonfinite_from_extrema(extrema) if check else None)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _minmax_quantize_entry(x, levels, axis, symmetric, check):
   lo, hi, extrema = _minmax_range_impl(x, axis, symmetric, True)
-  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric)
+  out = _fake_quant(x, lo, hi, jnp.asarray(levels, lo.dtype), symmetric, False)
   return out, (_nonfinite_from_extrema(extrema) if check else None)
 
 
@@ -542,17 +575,22 @@ def lsq_bounds(bits: int, signed: bool = True) -> Tuple[int, int]:
   return 0, 2 ** bits - 1
 
 
-def lsq_range(step: ArrayLike, bits: int, signed: bool = True) -> Tuple[Array, Array]:
-  """(lo, hi) = (-Q_N s, Q_P s): the LSQ grid as an asymmetric [lo, hi] grid.
+def lsq_range(step: ArrayLike, bits: int, signed: bool = True,
+              offset: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
+  """(lo, hi) = (beta - Q_N s, beta + Q_P s): the LSQ grid as an asymmetric [lo, hi] grid.
 
   ``fake_quant(x, *lsq_range(s, b), b)`` equals ``lsq_quantize(x, s, b)`` in the
   forward pass (up to float rounding) and ``quantize_int`` with this range
   gives LSQ's integer codes (shifted by Q_N), scale s and zero point Q_N.
-  Shapes and dtype: those of ``step``.
+  ``offset`` beta (LSQ+; None = 0) shifts the grid. Shapes and dtype: those of
+  ``step`` (broadcast with ``offset``).
   """
   qn, qp = lsq_bounds(bits, signed)
   step = jnp.asarray(_param(step, "step"))
-  return -qn * step, qp * step
+  if offset is None:
+    return -qn * step, qp * step
+  offset = jnp.asarray(_param(offset, "offset"))
+  return offset - qn * step, offset + qp * step
 
 
 def _sum_to_shape(a: Array, shape: Sequence[int]) -> Array:
@@ -567,88 +605,113 @@ def _sum_to_shape(a: Array, shape: Sequence[int]) -> Array:
   return a.reshape(shape)
 
 
-def _lsq_scaled(x, step):
+def _lsq_scaled(x, step, offset):
   cdt = _compute_dtype(jnp.promote_types(x.dtype, step.dtype))
   s = jnp.maximum(step.astype(cdt), jnp.finfo(cdt).tiny)
-  return s, x.astype(cdt) / s
+  return s, (x.astype(cdt) - offset.astype(cdt)) / s
 
 
 @jax.custom_vjp
-def _lsq(x, step, qn, qp):
-  s, v = _lsq_scaled(x, step)
-  return (jnp.round(jnp.clip(v, -qn, qp)) * s).astype(x.dtype)
+def _lsq(x, step, offset, qn, qp, numel):
+  s, v = _lsq_scaled(x, step, offset)
+  return (jnp.round(jnp.clip(v, -qn, qp)) * s + offset.astype(s.dtype)).astype(x.dtype)
 
 
-def _lsq_fwd(x, step, qn, qp):
-  return _lsq(x, step, qn, qp), (x, step, qn, qp)
+def _lsq_fwd(x, step, offset, qn, qp, numel):
+  return _lsq(x, step, offset, qn, qp, numel), (x, step, offset, qn, qp, numel)
 
 
 def _lsq_bwd(res, g):
-  x, step, qn, qp = res
-  s, v = _lsq_scaled(x, step)
+  x, step, offset, qn, qp, numel = res
+  s, v = _lsq_scaled(x, step, offset)
   below, above = v < -qn, v > qp
   dx = jnp.where(below | above, jnp.zeros_like(g), g)
   factor = jnp.where(below, -qn, jnp.where(above, qp, jnp.round(v) - v))
-  grad_scale = jax.lax.rsqrt(x.size * qp)
-  ds = _sum_to_shape(g.astype(s.dtype) * factor * grad_scale, step.shape)
-  return dx, ds.astype(step.dtype), jnp.zeros_like(qn), jnp.zeros_like(qp)
+  grad_scale = jax.lax.rsqrt(numel * qp)
+  gs = g.astype(s.dtype)
+  ds = _sum_to_shape(gs * factor * grad_scale, step.shape)
+  # LSQ+: x_hat = beta + s * code, so d x_hat / d beta = 1 where clipped, 0 inside (STE).
+  doff = _sum_to_shape(jnp.where(below | above, gs, 0.0) * grad_scale, offset.shape)
+  return (dx, ds.astype(step.dtype), doff.astype(offset.dtype), jnp.zeros_like(qn),
+          jnp.zeros_like(qp), jnp.zeros_like(numel))
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _lsq_entry(x, step, qn, qp, check):
+@functools.partial(jax.jit, static_argnums=(6,))
+def _lsq_entry(x, step, offset, qn, qp, numel, check):
   cdt = _compute_dtype(jnp.promote_types(x.dtype, step.dtype))
-  out = _lsq(x, step, jnp.asarray(qn, cdt), jnp.asarray(qp, cdt))
-  return out, (_nonfinite_counts(x, step) + (jnp.min(step),) if check else None)
+  out = _lsq(x, step, offset, jnp.asarray(qn, cdt), jnp.asarray(qp, cdt),
+             jnp.asarray(numel, cdt))
+  return out, (_nonfinite_counts(x, step, offset) + (jnp.min(step),) if check else None)
 
 
-def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True) -> Array:
-  """LSQ fake quantization: x_hat = round(clip(x / s, -Q_N, Q_P)) * s.
+def lsq_quantize(x: ArrayLike, step: ArrayLike, bits: int, signed: bool = True,
+                 offset: Optional[ArrayLike] = None, numel: Optional[int] = None) -> Array:
+  """LSQ fake quantization: x_hat = round(clip((x - beta) / s, -Q_N, Q_P)) * s + beta.
 
   Q_N = 2^(b-1), Q_P = 2^(b-1) - 1 if ``signed`` else Q_N = 0, Q_P = 2^b - 1.
+  beta = ``offset`` (LSQ+, Bhalgat et al. 2020; None = 0: plain LSQ).
 
   Args:
     x: float array, any shape.
     step: s > 0, a 0-d array (per tensor) or an array broadcastable to
       x.shape (per channel, keepdims-shaped); normally a learnable param.
+      Keep it float32 under bf16 compute: the arithmetic runs in
+      promote(x.dtype, step.dtype), so small updates of s reach the forward.
     bits: Python int in [2, 16].
     signed: grid [-Q_N, Q_P] (True) or [0, Q_P] (False).
+    offset: None, or beta broadcastable to x.shape like ``step`` (learnable).
+    numel: the element count of the gradient scale (default ``x.size``). Under
+      pmap pass the global count (x.size times the devices on the axis), so
+      that N devices train as one.
 
   Returns:
     x_hat with x's shape and dtype (computed in float32, or float64 for f64).
 
-  Gradient (custom_vjp, the LSQ paper's eqs. 3-5), with v = x / s:
+  Gradient (custom_vjp, the LSQ paper's eqs. 3-5; LSQ+ for beta), with
+  v = (x - beta) / s:
     dx = g * 1[-Q_N <= v <= Q_P];
     ds = sum over the broadcast axes of
          g * (round(v) - v  if -Q_N <= v <= Q_P;  -Q_N if v < -Q_N;  Q_P if v > Q_P)
-         * grad_scale,   grad_scale = 1 / sqrt(x.size * Q_P),
-    reduced to step's shape and dtype. Residual: x and step.
+         * grad_scale,   grad_scale = 1 / sqrt(numel * Q_P);
+    d beta = sum g * 1[v < -Q_N or v > Q_P] * grad_scale;
+    each reduced to its parameter's shape and dtype. Residual: x, step, beta.
 
   A non-positive step raises ValueError in eager mode; under jit it is
   clamped to the smallest positive normal float (no NaN; keep the step
   positive, e.g. by parametrising it or clipping after the update).
 
   Raises:
-    ValueError: bad bits, non-float x, step not broadcastable to x.shape,
-      (eager) step <= 0 or NaN/Inf in x or step.
+    ValueError: bad bits, non-float x, step/offset not broadcastable to
+      x.shape, numel < 1, (eager) step <= 0 or NaN/Inf in x, step or offset.
   """
   bits = validate_bits(bits)
   x = _as_float(x)
   step = _param(step, "step")
   if not (hasattr(step, "dtype") and jnp.issubdtype(step.dtype, jnp.floating)):
     step = jnp.asarray(step, _compute_dtype(x.dtype))
-  _check_broadcast(x.shape, step=step.shape)
+  if offset is None:
+    offset = jnp.zeros((), _compute_dtype(x.dtype))
+  else:
+    offset = _param(offset, "offset")
+    if not (hasattr(offset, "dtype") and jnp.issubdtype(offset.dtype, jnp.floating)):
+      offset = jnp.asarray(offset, step.dtype)
+  _check_broadcast(x.shape, step=step.shape, offset=offset.shape)
   if x.size == 0:
     return jnp.asarray(x)
+  if numel is None:
+    numel = x.size
+  elif not _is_traced(numel) and not float(numel) >= 1:
+    raise ValueError(f"numel={numel!r}; valid: >= 1 (the element count of the gradient scale)")
   qn, qp = lsq_bounds(bits, signed)
-  check = _concrete(x, step)
-  out, bad = _lsq_entry(x, step, float(qn), float(qp), check)
+  check = _concrete(x, step, offset)
+  out, bad = _lsq_entry(x, step, offset, float(qn), float(qp), numel, check)
   if check:
-    _raise_nonfinite(bad[:2], ("x", "step"))
-    if step.size and not _is_traced(bad[2]) and not float(bad[2]) > 0:
-      raise ValueError(f"step must be > 0 (valid range (0, inf)); got min {float(bad[2])}")
+    _raise_nonfinite(bad[:3], ("x", "step", "offset"))
+    if step.size and not _is_traced(bad[3]) and not float(bad[3]) > 0:
+      raise ValueError(f"step must be > 0 (valid range (0, inf)); got min {float(bad[3])}")
   return out
 
 
@@ -682,6 +745,51 @@ def lsq_init_step(x: ArrayLike, bits: int, signed: bool = True,
   if check:
     _raise_nonfinite(bad, ("x",))
   return s
+
+
+# Candidate top ends of LSQ+'s MSE initialisation: hi = beta + f (max x - beta).
+_LSQ_PLUS_FRACTIONS = tuple((i + 1) / 64 for i in range(64))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _lsq_plus_init_entry(x, qp, check):
+  cdt = _compute_dtype(x.dtype)
+  xs = jax.lax.stop_gradient(x).astype(cdt).reshape(-1)
+  beta, mx = jnp.min(xs), jnp.max(xs)
+  span = jnp.maximum(mx - beta, LSQ_MIN_STEP * qp)
+  steps = jnp.asarray(_LSQ_PLUS_FRACTIONS, cdt) * span / qp
+
+  def mse(s):
+    q = jnp.round(jnp.clip((xs - beta) / s, 0.0, qp)) * s + beta
+    return jnp.mean(jnp.square(q - xs))
+
+  errs = jax.lax.map(mse, steps)
+  s = jnp.maximum(steps[jnp.argmin(errs)], LSQ_MIN_STEP)
+  return s, beta, (_nonfinite_counts(x) if check else None)
+
+
+def lsq_plus_init(x: ArrayLike, bits: int) -> Tuple[Array, Array]:
+  """LSQ+'s initialisation of (step, offset) for an unsigned grid [0, Q_P], per tensor.
+
+  beta0 = min x (for a GELU output the bottom of its range, about -0.17; LSQ+
+  initialises the offset from the data's minimum), and s0 minimises the
+  quantization MSE of x over 64 candidates s = f (max x - beta0) / Q_P,
+  f = 1/64 .. 1 (LSQ+ initialises activations by MSE minimisation: plain min-max
+  is ruined by outliers at 2 bits). Returns 0-d float32 arrays (float64 for f64 x),
+  no gradient; s0 >= LSQ_MIN_STEP. Empty x gives (1.0, 0.0).
+  Raises ValueError for bad bits and (eager) NaN/Inf.
+  """
+  bits = validate_bits(bits)
+  x = _as_float(x)
+  _, qp = lsq_bounds(bits, False)
+  cdt = _compute_dtype(x.dtype)
+  if x.size == 0:
+    return jnp.ones((), cdt), jnp.zeros((), cdt)
+  check = _concrete(x)
+  s, beta, bad = _lsq_plus_init_entry(x, float(qp), check)
+  if check:
+    _raise_nonfinite(bad, ("x",))
+  return s, beta
 
 
 # ----------------------------------------------------------------------------

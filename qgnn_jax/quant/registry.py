@@ -10,11 +10,14 @@ named by its rule for
     axis (``tracks_range`` entries only: the site keeps an EMA of the batch range in
     ``quant_stats`` and evaluates with it);
   * ``quantize(x, spec, state)``: the fake-quant forward with its straight-through
-    gradient (``state`` = learnable params, plus ``lo``/``hi`` for range methods);
+    gradient (``state`` = learnable params, plus ``lo``/``hi`` (float32) for range
+    methods, plus ``numel``: the operand's global element count, x.size times the
+    devices of the pmap axis for activations, for gradient scales such as LSQ's);
   * ``integer(x, spec, state)``: the integer codes with their scale and zero point,
     ``scale * (codes - zero_point) == quantize(x, spec, state)`` in the forward pass;
   * ``learnable``: the names of its learnable parameters (the optimiser gives them
-    their own learning rate and no weight decay).
+    their own learning rate and no weight decay); ``param_names(spec)`` those one
+    operand uses (default: all of ``learnable``; LSQ's offset only on an LSQ+ grid).
 
 Operands reach an entry as arrays ``(..., C)`` with their channels on the last axis
 (C = a weight's output channels, an activation's input channels of the op); per channel
@@ -34,6 +37,11 @@ from qgnn_jax.quant.quantizers import validate_bits, validate_lam
 
 Array = jax.Array
 State = Dict[str, Array]
+# What an activation input looks like, for quantizers whose grid depends on it (LSQ):
+# "signed" any sign; "unsigned" non-negative by construction (after ReLU); "offset"
+# GELU/Swish-like (bounded below near 0), LSQ+'s learnable offset. Range quantizers
+# (PQ, min-max) take their range from the data and ignore it.
+GRIDS = ("signed", "unsigned", "offset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,19 +52,27 @@ class OperandSpec:
   per_channel: one range (or parameter set) per channel column of the (N, C) operand,
     else one per tensor. lam: PQ's lambda (clip at mu +- lam sigma); other methods
     ignore it. role: "weight" or "act" (for messages and for methods that treat them
-    differently).
+    differently). grid: one of GRIDS (LSQ's grid; see GRIDS). range_grad: range
+    quantizers pass the clipped region's gradient to lo/hi and on through the
+    statistics mu, sigma of the range (False: stop-gradient, SPEC's default).
   """
   bits: int = 4
   symmetric: bool = False
   per_channel: bool = False
   lam: float = 2.5
   role: str = "act"
+  grid: str = "signed"
+  range_grad: bool = False
 
   def __post_init__(self):
     validate_bits(self.bits)
     validate_lam(self.lam)
     if self.role not in ("weight", "act"):
       raise ValueError(f"role={self.role!r}; valid: 'weight', 'act'")
+    if self.grid not in GRIDS:
+      raise ValueError(f"grid={self.grid!r}; valid: {GRIDS}")
+    if not isinstance(self.range_grad, bool):
+      raise ValueError(f"range_grad={self.range_grad!r}; valid: True or False")
 
 
 class Quantizer:
@@ -70,8 +86,14 @@ class Quantizer:
   learnable: ClassVar[Tuple[str, ...]] = ()
   tracks_range: ClassVar[bool] = False
 
+  def param_names(self, spec: OperandSpec) -> Tuple[str, ...]:
+    """The learnable parameters an operand with this spec uses (a subset of learnable)."""
+    del spec
+    return self.learnable
+
   def init_params(self, x: Array, spec: OperandSpec) -> State:
-    """Learnable parameters (float32) from a sample x (..., C); no gradient."""
+    """Learnable parameters (float32; at least `param_names(spec)`) from a sample x
+    (..., C); no gradient."""
     del x, spec
     return {}
 

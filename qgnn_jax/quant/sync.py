@@ -3,7 +3,7 @@
 Under pmap every device sees its shard of the batch; the range a quantizer takes must
 be that of the global batch so that N devices train as one. x arrives as (N, C):
 statistics run over axis 0 per channel, or over every element per tensor. Results are
-float32 with no gradient.
+float32, with no gradient unless the input view was taken with stop_grad=False.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def flat_stats_input(x: Array, per_channel: bool) -> Array:
-  """float32, gradient-free view: (N, C) per channel, (N * C,) per tensor."""
-  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+def flat_stats_input(x: Array, per_channel: bool, stop_grad: bool = True) -> Array:
+  """float32 view, gradient-free unless stop_grad=False: (N, C) per channel, (N * C,)
+  per tensor."""
+  x = (jax.lax.stop_gradient(x) if stop_grad else x).astype(jnp.float32)
   return x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1)
 
 
@@ -42,4 +43,5 @@ def synced_mean_std(x: Array, axis_name: Optional[str]) -> Tuple[Array, Array]:
   var = jnp.mean(jnp.square(x - mean), axis=0)
   if axis_name is not None:
     var = jax.lax.pmean(var, axis_name)
-  return mean, jnp.sqrt(var)
+  pos = var > 0  # safe sqrt: a finite gradient at sigma == 0 for a differentiable x
+  return mean, jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
