@@ -138,6 +138,8 @@ class DenseNet(nn.Module):
     (dict(ema_momentum=-0.1), "ema_momentum=-0.1"),
     (dict(module_path="grapher("), "module_path='grapher\\('"),
     (dict(op_names=("matmul",)), "op_names"),
+    (dict(a_quantizer="lsq", a_grid="relu"), "a_grid='relu'"),
+    (dict(a_quantizer="pq", range_grad=1), "range_grad=1"),
 ])
 def test_quant_rule_rejects_bad_values(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
@@ -161,13 +163,14 @@ def test_parse_method_and_quant_rules():
 
   config = common.base_config()
   config.method, config.w_bits, config.a_bits, config.lam = "pq+aqd", 3, 5, 2.0
-  (body,) = recipe.quant_rules(config)
+  gelu, body = recipe.quant_rules(config)
+  assert gelu == dataclasses.replace(body, module_path=recipe.GELU_INPUTS["body"])
   assert (body.module_path, body.w_quantizer, body.a_quantizer, body.w_bits, body.a_bits,
           body.lam) == (LAYER_GROUPS["body"], "pq", "pq", 3, 5, 2.0)
   hash(recipe.quant_rules(config))  # static argument of jit, part of a QuantizedModel's hash
   config.quantize_stem, config.quantize_head = True, True
   assert [r.module_path for r in recipe.quant_rules(config)] == [
-      LAYER_GROUPS[g] for g in ("body", "stem_rest", "head")]
+      p for g in ("body", "stem_rest", "head") for p in (recipe.GELU_INPUTS[g], LAYER_GROUPS[g])]
   config.method = "fp"
   assert recipe.quant_rules(config) == ()
   config.method, config.w_bits = "pq", 1
@@ -382,6 +385,62 @@ def test_lsq_calibrate_sets_steps():
                                                      mode="quant") ** 2)))(state.params, x)
   assert float(jnp.abs(g["fc"]["quant"]["w_step"])) > 0
   assert float(jnp.abs(g["fc"]["quant"]["a_step"])) > 0
+
+
+def test_lsq_grids_follow_the_rules_and_the_gelu_inputs():
+  # recipe: LSQ's grid at the GELU-fed ops is config.lsq_gelu_grid, signed elsewhere; the
+  # offset grid adds an a_offset param there, initialised as LSQ+ (min x, MSE step).
+  config = common.base_config()
+  config.method, config.lsq_gelu_grid = "lsq", "offset"
+  rules = recipe.quant_rules(config)
+  pick = lambda path: next(r for r in rules if r.matches(path, "dot_general"))
+  for path, grid in [("grapher0/fc2", "offset"), ("ffn3/fc2", "offset"),
+                     ("grapher0/fc1", "signed"), ("grapher0/gconv", "signed"),
+                     ("ffn0/fc1", "signed")]:
+    assert pick(path).a_grid == grid and pick(path).act_spec.grid == grid, path
+    assert pick(path).weight_spec.grid == "signed"
+  x = jax.nn.gelu(_randn(8, (64, 8), 2.0), approximate=False)
+  for grid, names in [("signed", {"w_step", "a_step"}), ("unsigned", {"w_step", "a_step"}),
+                      ("offset", {"w_step", "a_step", "a_offset"})]:
+    qm = qat.quantize_model(nn.Dense(4), (_rule("lsq", 2, 2, a_grid=grid),))
+    v = qm.init(jax.random.key(0), x)
+    assert set(v["params"]["quant"]) == names
+    y = qm.apply(v, x, mode="quant")
+    s, p = v["params"]["quant"], v["params"]
+    a_hat = quant.lsq_quantize(x, s["a_step"], 2, signed=grid == "signed",
+                               offset=s.get("a_offset"))
+    want = a_hat @ quant.lsq_quantize(p["kernel"], s["w_step"], 2) + p["bias"]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    if grid == "offset":
+      step, beta = quant.lsq_plus_init(x, 2)
+      np.testing.assert_allclose([s["a_step"], s["a_offset"]], [step, beta], rtol=1e-6)
+    else:
+      np.testing.assert_allclose(s["a_step"], quant.lsq_init_step(x, 2, grid == "signed"),
+                                 rtol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "minmax"])
+def test_range_grad_gives_the_range_and_the_input_a_gradient(quantizer):
+  # range_grad=False (default): the range is a constant (the clipped STE only);
+  # True: lo / hi get the clipped region's gradient and, for PQ, pass it on to x through
+  # the batch's mu, sigma (min-max's range is min / max: held constant).
+  x = _randn(9, (64, 32), 2.0)
+  x[3, 2] = 25.0
+  grads = {}
+  for rg in (False, True):
+    # lam 1.5: the weights' mu + lam sigma lies inside their extremes (not clipped to max)
+    qm = qat.quantize_model(nn.Dense(4), (_rule(quantizer, 2, 2, range_grad=rg, lam=1.5),))
+    v = _variables(qm, x)
+    f = lambda p, x: jnp.sum(qm.apply({**v, "params": p}, x, mode="quant",
+                                      mutable=["quant_stats"])[0] ** 2)
+    grads[rg] = jax.jit(jax.grad(f, argnums=(0, 1)))(v["params"], jnp.asarray(x))
+  (gp0, gx0), (gp1, gx1) = grads[False], grads[True]
+  dk = float(jnp.max(jnp.abs(gp1["kernel"] - gp0["kernel"])))
+  dx = float(jnp.max(jnp.abs(gx1 - gx0)))
+  if quantizer == "pq":
+    assert dk > 1e-4 and dx > 1e-4, (dk, dx)  # weight range and activation range both
+  else:
+    assert dk == 0.0 and dx == 0.0
 
 
 @pytest.mark.parametrize("quantizer", ["minmax", "pq"])

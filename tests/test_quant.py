@@ -122,6 +122,44 @@ def test_fake_quant_ste_gradient_exact(symmetric):
   np.testing.assert_array_equal(gx, expect)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fake_quant_range_gradient_is_the_clipped_region(symmetric):
+  # range_grad: x_hat = lo below lo and hi above hi, so d lo / d hi sum the cotangent there.
+  x = jnp.array([-3.0, -1.5, -0.3, 0.0, 0.42, 0.999, 1.001, 5.0])
+  w = jnp.arange(1, x.size + 1, dtype=jnp.float32)
+  lo, hi = jnp.float32(-1.0), jnp.float32(1.0)
+  f = lambda x, lo, hi: jnp.sum(w * q.fake_quant(x, lo, hi, 3, symmetric, range_grad=True))
+  gx, glo, ghi = jax.grad(f, argnums=(0, 1, 2))(x, lo, hi)
+  below, above = np.asarray(x) < -1.0, np.asarray(x) > 1.0
+  np.testing.assert_array_equal(gx, np.where(below | above, 0.0, w))  # x: unchanged STE
+  if symmetric:  # a = max(|lo|, |hi|) = hi (tie): d a = sum above - sum below, all to hi
+    assert float(glo) == 0.0 and float(ghi) == float(w[above].sum() - w[below].sum())
+  else:
+    assert float(glo) == float(w[below].sum()) and float(ghi) == float(w[above].sum())
+  # per channel: summed to the range's shape; a degenerate channel gets nothing
+  x2 = jnp.asarray(np.random.default_rng(0).standard_normal((32, 3)), jnp.float32) * 2
+  lo2, hi2 = jnp.array([[-1.0, -0.5, 0.3]]), jnp.array([[1.0, 0.5, 0.3]])
+  glo2, ghi2 = jax.grad(lambda lo, hi: jnp.sum(q.fake_quant(x2, lo, hi, 4, range_grad=True)),
+                        argnums=(0, 1))(lo2, hi2)
+  np.testing.assert_array_equal(glo2, [[np.sum(x2[:, 0] < -1), np.sum(x2[:, 1] < -0.5), 0]])
+  np.testing.assert_array_equal(ghi2, [[np.sum(x2[:, 0] > 1), np.sum(x2[:, 1] > 0.5), 0]])
+  # the forward is the same with and without
+  np.testing.assert_array_equal(q.fake_quant(x, lo, hi, 3, symmetric, range_grad=True),
+                                q.fake_quant(x, lo, hi, 3, symmetric))
+
+
+def test_pauta_range_without_stop_grad_reaches_x_through_fake_quant():
+  # The option is real: with range_grad the mu / sigma path carries a gradient to x.
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(256), jnp.float32)
+  f = lambda x, sg, rg: jnp.sum(q.fake_quant(x, *q.pauta_range(x, 1.5, stop_grad=sg), 2,
+                                             range_grad=rg) ** 2)
+  g_stop = jax.grad(f)(x, True, True)
+  g_off = jax.grad(f)(x, False, False)  # fake_quant gives lo/hi nothing: no difference
+  g_on = jax.grad(f)(x, False, True)
+  np.testing.assert_array_equal(g_stop, g_off)
+  assert float(jnp.max(jnp.abs(g_on - g_stop))) > 1e-3
+
+
 def test_fake_quant_gradient_per_channel_and_pauta():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((64, 3)).astype(np.float32)
@@ -191,6 +229,74 @@ def test_lsq_per_channel_matches_paper_formulas(bits, signed):
   # a 1-d step (3,) broadcasts over the leading axis too
   gs1 = jax.grad(f, argnums=1)(jnp.float32(x), jnp.float32(s[0]))
   np.testing.assert_allclose(gs1, ds.sum(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_plus_offset_forward_and_gradients():
+  # LSQ+: x_hat = beta + s round(clip((x - beta) / s, 0, Q_P)); 2 bits: Q_P = 3.
+  x = jnp.array([-0.5, -0.1, 0.12, 0.4, 2.0])
+  s, beta = jnp.float32(0.2), jnp.float32(-0.15)
+  w = jnp.array([1.0, 2.0, -1.0, 0.5, 3.0])
+  out = q.lsq_quantize(x, s, 2, signed=False, offset=beta)
+  v = (np.asarray(x, np.float64) + 0.15) / 0.2  # [-1.75, 0.25, 1.35, 2.75, 10.75]
+  np.testing.assert_allclose(out, -0.15 + 0.2 * np.round(np.clip(v, 0, 3)), atol=1e-6)
+  gx, gs, gb = jax.grad(lambda x, s, b: jnp.sum(w * q.lsq_quantize(x, s, 2, False, offset=b)),
+                        argnums=(0, 1, 2))(x, s, beta)
+  clipped = (v < 0) | (v > 3)
+  np.testing.assert_array_equal(gx, np.where(clipped, 0.0, w))
+  factor = np.where(v < 0, 0.0, np.where(v > 3, 3.0, np.round(v) - v))
+  scale = 1 / np.sqrt(5 * 3)
+  np.testing.assert_allclose(gs, np.sum(np.asarray(w) * factor) * scale, rtol=1e-5)
+  np.testing.assert_allclose(gb, np.sum(np.asarray(w) * clipped) * scale, rtol=1e-6)
+  # lsq_range with the offset is the same grid (fake_quant / integer form)
+  np.testing.assert_allclose(q.fake_quant(x, *q.lsq_range(s, 2, False, offset=beta), 2), out,
+                             atol=1e-6)
+  # offset None == offset 0 (plain LSQ), bit for bit
+  np.testing.assert_array_equal(q.lsq_quantize(x, s, 3), q.lsq_quantize(x, s, 3, offset=0.0))
+
+
+def test_lsq_gradient_scale_takes_numel():
+  # numel: the global element count under pmap (the site passes x.size * devices).
+  x = jnp.asarray(np.random.default_rng(2).standard_normal(12), jnp.float32)
+  g = lambda n: jax.grad(lambda s: jnp.sum(q.lsq_quantize(x, s, 3, numel=n) ** 2))(
+      jnp.float32(0.3))
+  np.testing.assert_array_equal(g(None), g(12))
+  np.testing.assert_allclose(g(48), g(12) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="numel"):
+    q.lsq_quantize(x, 0.3, 3, numel=0)
+
+
+def test_lsq_plus_init_minimises_mse_from_the_minimum():
+  x = jax.nn.gelu(jnp.asarray(np.random.default_rng(3).standard_normal(20000), jnp.float32),
+                  approximate=False)
+  for bits in (2, 4):
+    s, beta = q.lsq_plus_init(x, bits)
+    assert s.dtype == beta.dtype == jnp.float32 and s.shape == beta.shape == ()
+    assert float(beta) == float(jnp.min(x))
+    mse = lambda s: float(jnp.mean((q.lsq_quantize(x, s, bits, False, offset=beta) - x) ** 2))
+    # better than LSQ's own init on the same grid, and than its neighbours (a minimum)
+    assert mse(s) < mse(q.lsq_init_step(x - beta, bits, signed=False))
+    assert mse(s) <= min(mse(s * 1.1), mse(s / 1.1))
+  s, beta = q.lsq_plus_init(jnp.zeros((0,)), 2)
+  assert float(s) == 1.0 and float(beta) == 0.0
+
+
+def test_bfloat16_compute_keeps_float32_steps_and_ranges():
+  # Under bf16 compute the float32 step / range is what the forward rounds with (cast to
+  # bf16 first, a step of 0.3 would be 0.30078 and small updates of it would be lost).
+  xb = jnp.bfloat16(np.random.default_rng(4).standard_normal((256,)) * 3)
+  xf = xb.astype(jnp.float32)
+  from qgnn_jax.quant import lsq, pq  # pylint: disable=g-import-not-at-top
+  spec = q.OperandSpec(4)
+  s = jnp.float32(0.3)
+  out = lsq.LSQ().quantize(xb, spec, {"step": s})
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, q.lsq_quantize(xf, s, 4).astype(jnp.bfloat16))
+  assert bool(jnp.any(out != q.lsq_quantize(xb, jnp.bfloat16(s), 4)))
+  lo, hi = jnp.float32(-2.3), jnp.float32(2.3)
+  out = pq.PQ().quantize(xb, spec, {"lo": lo, "hi": hi})
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, q.fake_quant(xf, lo, hi, 4).astype(jnp.bfloat16))
+  assert bool(jnp.any(out != q.fake_quant(xb, jnp.bfloat16(lo), jnp.bfloat16(hi), 4)))
 
 
 def test_lsq_init_step_and_range():

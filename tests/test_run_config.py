@@ -47,6 +47,8 @@ BAD_FIELDS = [
     ("seed", -1, "config.seed=-1: valid: an int >= 0"),
     ("val_holdout", -5, "config.val_holdout=-5: valid: an int >= 0"),
     ("augment", "yes", "config.augment='yes': valid: True or False"),
+    ("lsq_gelu_grid", "relu", "config.lsq_gelu_grid='relu': valid: one of 'signed', "),
+    ("range_grad", 1, "config.range_grad=1: valid: True or False"),
     ("init_from", "/no/such/run", "config.init_from='/no/such/run': no checkpoint found"),
 ]
 
@@ -105,6 +107,11 @@ def test_config_diff_ignores_only_the_restart_safe_fields():
   saved = dict(old)
   del saved["dropout"]  # a config.json written before a field existed
   assert run_config.config_diff(saved, old) == [("dropout", "(absent)", 0.0)]
+  # Fields added by issue 15: absent means the run was made with the old behaviour.
+  saved = {k: v for k, v in old.items() if k not in ("lsq_gelu_grid", "range_grad")}
+  assert run_config.config_diff(saved, _fields(lsq_gelu_grid="signed", range_grad=False)) == []
+  assert run_config.config_diff(saved, _fields(lsq_gelu_grid="offset")) == [
+      ("lsq_gelu_grid", "signed", "offset")]
   with pytest.raises(run_config.ConfigMismatchError, match="  lr: 0.002 -> 1.0"):
     run_config.check_restart(old, _fields(lr=1.0), "wd")
   assert run_config.check_restart(old, _fields(lr=1.0), "wd", allow_change=True) == [
