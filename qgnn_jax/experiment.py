@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import data as data_lib
 from qgnn_jax import distributed
+from qgnn_jax import export as export_lib
 from qgnn_jax import results as results_lib
 from qgnn_jax import run_config
 from qgnn_jax import run_log
@@ -405,7 +406,9 @@ def finish(run: Run) -> Dict[str, Any]:
   run.writer.write({"step": total, "epoch": total / run.steps_per_epoch,
                     "split": run.eval_split, "final": True, **ev})
   final = jax.device_get(train_lib.unreplicate(run.rstate))
-  sizes = model_size_bytes(final.params, final.quant_stats)
+  # The real sizes: the file `experiments.export --workdir` writes from this checkpoint.
+  sizes = model_size_bytes(config, run.data["info"].num_classes, final.variables(),
+                           source=export_lib.source_of(run.workdir, total, config))
   fp_top1 = run.progress.fp_top1
   results = {
       "dataset": config.dataset, "model": config.model, "method": config.method,

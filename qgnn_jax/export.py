@@ -68,6 +68,7 @@ quantizes only one operand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -160,12 +161,31 @@ def _param_names(entry: quant.Quantizer, spec) -> Tuple[str, ...]:
   return tuple(names(spec)) if names is not None else tuple(entry.learnable)
 
 
-def _code_shift(entry: quant.Quantizer, spec, state: Mapping[str, Any], channels: int) -> int:
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _grid_ends(entry: quant.Quantizer, spec, state: Mapping[str, Any], channels: int):
+  """(lowest, highest codes, scale, zero point) of an operand's grid, as `entry.integer`
+  gives them (probed at -/+ 1e30 per channel). One compile per entry, spec and shape."""
+  probe = jnp.stack([jnp.full((channels,), -1e30, jnp.float32),
+                     jnp.full((channels,), 1e30, jnp.float32)])
+  codes, scale, zp = entry.integer(probe, spec, dict(state))
+  return jnp.min(codes), jnp.max(codes), scale, zp
+
+
+def _code_shift(lowest) -> Any:
   """What `entry.integer` codes subtract to become signed b-bit codes: 2^(b-1) for a grid
-  whose codes start at 0, 0 for one already signed (probed at -/+ 1e30)."""
-  probe = jnp.asarray(np.array([[-1e30] * channels, [1e30] * channels], np.float32))
-  codes, _, _ = entry.integer(probe, spec, dict(state))
-  return 2 ** (spec.bits - 1) if int(np.min(np.asarray(codes))) >= 0 else 0
+  whose codes start at 0, 0 for one already signed."""
+  return lambda bits: 2 ** (bits - 1) if int(lowest) >= 0 else 0
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _weight_codes(entry: quant.Quantizer, spec, w2, state):
+  """entry.integer of a weight (channels last) with its range when the entry takes one."""
+  state = {**state, "numel": w2.size}
+  if entry.tracks_range:
+    lo, hi = entry.weight_range(w2, spec)
+    state.update(lo=lo, hi=hi)
+  codes, scale, zp = entry.integer(w2, spec, state)
+  return codes, scale, zp, _grid_ends(entry, spec, state, w2.shape[-1])[0]
 
 
 def _grid(scale, zero_point, shift: int, channels: int, per_channel: bool, what: str):
@@ -231,13 +251,16 @@ def _rule_dict(rule: QuantRule) -> Dict[str, Any]:
   return out
 
 
-def build(model_name: str, num_classes: int, rules: Sequence[QuantRule], variables: Mapping,
+def build(model_name, num_classes: int, rules: Sequence[QuantRule], variables: Mapping,
           *, model_kwargs: Optional[Mapping[str, Any]] = None, fp32: bool = False,
-          source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+          source: Optional[Mapping[str, Any]] = None,
+          input_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """The payload tree of an export (see the module docstring).
 
   Args:
-    model_name: a registered model (`qgnn_jax.models.MODELS`).
+    model_name: a registered model (`qgnn_jax.models.MODELS`), or any linen module taking
+      (images, train=...) with `input_shape` (H, W, C) given; `load` then needs it back
+      (`load(path, model=...)`).
     rules: the quantization rules it was trained with (() for a full-precision model).
     variables: its trained variables: params, batch_stats, quant_stats (numpy or jax).
     model_kwargs: `create_model` keywords that shape the model (graph_impl, dtype name).
@@ -249,8 +272,13 @@ def build(model_name: str, num_classes: int, rules: Sequence[QuantRule], variabl
   """
   from qgnn_jax import models  # pylint: disable=g-import-not-at-top
   model_kwargs = dict(model_kwargs or {})
-  model = _create(model_name, num_classes, model_kwargs)
-  shape = models.input_shape(model_name)
+  if isinstance(model_name, nn.Module):
+    model, model_name = model_name, type(model_name).__name__
+    if input_shape is None:
+      raise ExportError(f"build: a {model_name} module needs input_shape=(H, W, C)")
+  else:
+    model = _create(model_name, num_classes, model_kwargs)
+  shape = tuple(input_shape or models.input_shape(model_name))
   params = _flat(variables.get("params", {}))
   stats = _flat(variables.get("quant_stats", {}))
   rules = tuple(rules)
@@ -297,13 +325,9 @@ def _site_payload(s: SiteInfo, params: Dict[str, np.ndarray],
     if missing:
       raise ExportError(f"site {s.key}: weight quantizer {w_entry.name!r} has no trained "
                         f"{['w_' + n for n in missing]}")
-    state["numel"] = w2.size
-    if w_entry.tracks_range:
-      lo, hi = w_entry.weight_range(w2, spec)
-      state.update(lo=lo, hi=hi)
-    codes, scale, zp = w_entry.integer(w2, spec, state)
+    codes, scale, zp, lowest = _weight_codes(w_entry, spec, w2, state)
     c = w2.shape[-1]
-    shift = _code_shift(w_entry, spec, state, c)
+    shift = _code_shift(lowest)(spec.bits)
     scale, zp, offset = _grid(scale, zp, shift, c, spec.per_channel, f"site {s.key} weight")
     codes = np.asarray(codes) - shift
     out["w"] = {"quantizer": w_entry.name, "bits": spec.bits, "shape": list(s.w_shape),
@@ -324,9 +348,8 @@ def _site_payload(s: SiteInfo, params: Dict[str, np.ndarray],
       state.update(lo=np.asarray(site_stats["a_lo"], np.float32),
                    hi=np.asarray(site_stats["a_hi"], np.float32))
     jstate = {k: jnp.asarray(v) for k, v in state.items()}
-    shift = _code_shift(a_entry, spec, jstate, s.x_channels)
-    probe = jnp.zeros((1, s.x_channels), jnp.float32)
-    _, scale, zp = a_entry.integer(probe, spec, jstate)
+    lowest, _, scale, zp = _grid_ends(a_entry, spec, jstate, s.x_channels)
+    shift = _code_shift(lowest)(spec.bits)
     scale, zp, offset = _grid(scale, zp, shift, s.x_channels, spec.per_channel,
                               f"site {s.key} activation")
     out["a"] = {"quantizer": a_entry.name, "bits": spec.bits, "per_channel": spec.per_channel,
@@ -502,8 +525,11 @@ def _create(model_name: str, num_classes: int, model_kwargs: Mapping[str, Any]) 
   return models.create_model(model_name, num_classes, **kw)
 
 
-def load(path: str) -> Exported:
+def load(path: str, model: Optional[nn.Module] = None) -> Exported:
   """Reads an export written by `save` and prepares it to run.
+
+  model: the linen module, for an export built from a module rather than a registered
+  model name (the file names its class; it must match).
 
   Raises:
     FileNotFoundError: no such file.
@@ -515,8 +541,11 @@ def load(path: str) -> Exported:
     data = f.read()
   payload = from_bytes(data, path)
   meta = payload["meta"]
+  if model is not None and type(model).__name__ != meta.get("model"):
+    raise ExportError(f"{path}: model/rules mismatch: the file holds a {meta.get('model')}, "
+                      f"given a {type(model).__name__}")
   try:
-    model = _create(meta["model"], meta["num_classes"], meta.get("model_kwargs", {}))
+    model = model or _create(meta["model"], meta["num_classes"], meta.get("model_kwargs", {}))
     rules = tuple(QuantRule(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in r.items()}) for r in meta.get("rules", []))
   except (KeyError, ValueError, TypeError) as e:
@@ -637,11 +666,9 @@ def _load_site(path: str, s: SiteInfo, site: Mapping[str, Any]):
     if spec.per_channel and np.asarray(a["scale"]).ndim:
       reasons.append("activation scales per channel")
     else:
-      shift = _code_shift(a_entry, spec, state, s.x_channels)
-      probe = jnp.asarray(np.array([[-1e30] * s.x_channels, [1e30] * s.x_channels], np.float32))
-      ends, _, _ = a_entry.integer(probe, spec, state)
-      zero_raw = int(np.asarray(a["zero_point"])) + shift
-      lo_c, hi_c = int(np.min(ends)) - zero_raw, int(np.max(ends)) - zero_raw
+      lowest, highest, _, _ = _grid_ends(a_entry, spec, state, s.x_channels)
+      zero_raw = int(np.asarray(a["zero_point"])) + _code_shift(lowest)(spec.bits)
+      lo_c, hi_c = int(lowest) - zero_raw, int(highest) - zero_raw
       if lo_c < -128 or hi_c > 127:
         reasons.append(f"activation codes minus zero point span [{lo_c}, {hi_c}], not int8")
       plan_kw = {"a_zero_raw": zero_raw, "a_offset": bool(np.any(data["a_offset"] != 0))}
@@ -658,16 +685,22 @@ def from_workdir(workdir: str, step: Optional[int] = None, fp32: bool = False
                  ) -> Dict[str, Any]:
   """The payload of a run's checkpoint (its config.json says model and rules)."""
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import experiment, recipe, run_config  # pylint: disable=g-import-not-at-top
+  from qgnn_jax import experiment, recipe  # pylint: disable=g-import-not-at-top
   config = experiment.load_run_config(workdir)
   raw = ckpt.restore_from(workdir, step=step)
   info_classes = _num_classes(config, raw)
-  source = {"workdir": os.path.abspath(workdir), "step": int(np.asarray(raw["step"])),
-            "config_sha256": run_config.config_sha256(config), "method": str(config.method),
-            "dataset": str(config.dataset)}
+  source = source_of(workdir, int(np.asarray(raw["step"])), config)
   return build(config.model, info_classes, recipe.quant_rules(config),
                {k: raw.get(k, {}) for k in ("params", "batch_stats", "quant_stats")},
                model_kwargs=model_kwargs(config), fp32=fp32, source=source)
+
+
+def source_of(workdir: str, step: int, config) -> Dict[str, Any]:
+  """The provenance an export of a run's checkpoint records (meta "source")."""
+  from qgnn_jax import run_config  # pylint: disable=g-import-not-at-top
+  return {"workdir": os.path.abspath(workdir), "step": int(step),
+          "config_sha256": run_config.config_sha256(config), "method": str(config.method),
+          "dataset": str(config.dataset)}
 
 
 def model_kwargs(config) -> Dict[str, Any]:

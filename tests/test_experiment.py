@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import quickstart
 from qgnn_jax import checkpoint as ckpt
-from qgnn_jax import experiment, recipe, results, run_config, run_log
+from qgnn_jax import experiment, export, recipe, results, run_config, run_log
 from qgnn_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,11 @@ def test_outputs_and_results_schema(finished):
   assert res["w_bits"] is None and res["a_bits"] is None and res["fp_top1"] is None
   assert 0.0 <= res["top1"] <= 1.0 and isinstance(res["top1"], float)
   assert res["train_steps"] == 4 and res["params"] > 0
-  assert res["model_bytes_quantized"] == res["model_bytes_fp32"] == 4 * res["params"]
+  # Sizes: the export experiments.export writes (an FP run: one file, its params at fp32
+  # plus BN statistics, keys and meta).
+  assert res["model_bytes_quantized"] == res["model_bytes_fp32"] == \
+      export.nbytes(export.from_workdir(str(wd)))
+  assert 4 * res["params"] < res["model_bytes_fp32"] < 4 * res["params"] * 1.2 + 20000
   # Provenance: what measured top1, and what made it.
   assert res["eval_split"] == "test" and res["eval_loss"] > 0
   assert res["jax_version"] == jax.__version__ and res["device_count"] == jax.device_count()
@@ -246,6 +250,11 @@ def test_qat_init_from_fp_and_quantized_size(tmp_path):
       _config(method="pq+aqd+sqd", init_from=str(fp_dir), num_steps=2), str(tmp_path / "qat"))
   assert res["fp_top1"] == fp["top1"] and res["w_bits"] == 4 and res["a_bits"] == 4
   assert res["model_bytes_quantized"] < res["model_bytes_fp32"] / 2
+  # ... the byte counts of the files experiments.export writes for this checkpoint.
+  out = export.export_workdir(str(tmp_path / "qat"), str(tmp_path / "qat.qgx"))
+  assert (out["bytes"], out["bytes_fp32"]) == \
+      (res["model_bytes_quantized"], res["model_bytes_fp32"])
+  assert os.path.getsize(tmp_path / "qat.qgx") == res["model_bytes_quantized"]
   lines = _read_jsonl(tmp_path / "qat" / "metrics.jsonl")
   assert {"aqd", "sqd", "ce"} <= set(lines[0])
 
