@@ -223,6 +223,12 @@ _ABSENT = "(absent)"
 LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False}
 
 
+def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:
+  """A saved config.json's fields, plus LEGACY_VALUES for those it predates (what the run
+  was made with). Use before filling other missing fields with today's defaults."""
+  return {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved}, **dict(saved)}
+
+
 def config_diff(saved: Mapping[str, Any], new: Any) -> List[Tuple[str, Any, Any]]:
   """(field, old, new) for each run-defining field that differs, sorted by field.
 

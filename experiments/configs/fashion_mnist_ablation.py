@@ -61,10 +61,12 @@ def get_config():
   ])
   # The sweeps' centre: SPEC's starting point for every swept field, pinned so that sweep
   # runs (and which point is the shared "_default" run) do not move when code defaults become
-  # the winners. Main runs use the winners.
+  # the winners. Main runs use the winners. (lsq_gelu_grid, range_grad: issue 15's sweeps,
+  # in the CPU protocol; pinned here to the behaviour before them.)
   c.sweep_centre = ml_collections.ConfigDict({
       "lam": 3.0, "w_symmetric": True, "quant_lr": -1.0, "aqd_alpha": 1.0, "aqd_tau": 1.0,
-      "sqd_beta": 1.0, "sqd_p": 0.5, "sqd_temperature": 1.0})
+      "sqd_beta": 1.0, "sqd_p": 0.5, "sqd_temperature": 1.0, "lsq_gelu_grid": "signed",
+      "range_grad": False})
   # Reporting: the paper's claims as "method a beats method b" (label, a, b), the method
   # whose gap to FP gets a row, and the plot's title.
   c.claims = (

@@ -42,6 +42,11 @@ def get_config():
       "aqd_alpha:pq+aqd:2:0.1,0.3,1", "aqd_tau:pq+aqd:2:0.5,1,2",
       "sqd_beta:pq+sqd:2:0.1,0.3,1", "sqd_p:pq+sqd:2:0.25,0.5,0.75",
       "sqd_temperature:pq+sqd:2:1,2,4",
+      # Issue 15: LSQ's grid at the GELU-fed ops (LSQ+'s offset, LSQ's unsigned grid, the
+      # old signed one) and the gradient through PQ's mu, sigma. Run by hand from the FP
+      # checkpoint of 89.43 % (runs/lsq15/run_all.sh; experiments/results/fashion_mnist/
+      # lsq15.md), not by a sweep over this workdir.
+      "lsq_gelu_grid:lsq:2:signed,unsigned,offset", "range_grad:pq:2:False,True",
   ])
   # The overhead column: median train-step time / pq's, all methods in one interleaved run:
   #   python -m experiments.bench --model vig_tiny_28 --batch 128 --nograph_share \
