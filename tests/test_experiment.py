@@ -287,6 +287,7 @@ def test_quant_rules_carry_every_grid_choice():
 INFO_LINE = re.compile(r"^I\d{4} |^INFO:|\] INFO ", re.M)  # absl / python logging INFO
 
 
+@pytest.mark.slow
 def test_cli_quickstart_end_to_end(tmp_path):
   """The quick start (scaled down): both phases, the summary table, a readable console
   (progress with steps/s and time left, no library INFO lines); experiments.evaluate on
