@@ -28,15 +28,29 @@ from tests.legacy.vig import ViG as LegacyViG
 TINY = dict(num_classes=5, dim=16, depth=2, k=3, stem_strides=(2, 1, 1, 1, 1), head_hidden=16)
 
 
-def _rel_err(a, b) -> float:
+def _rel_err(a, b, floor: float = 1e-30) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor))
 
 
 def _tree_rel_err(a, b) -> float:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   return max(_rel_err(x, y) for x, y in zip(la, lb))
+
+
+def _grad_rel_err(a, b) -> float:
+  """Per-leaf relative error; a leaf whose gradient is zero in exact arithmetic (below 1e-5 of
+  the largest: the biases of layers followed by BatchNorm, which BN removes) is compared
+  relative to the largest gradient instead, since its ~1e-8 rounding noise depends on the
+  order of the backward's sums (the fused BN+GELU backward sums in another order)."""
+  top = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(b))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  errs = []
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    scale = float(np.max(np.abs(np.asarray(y))))
+    errs.append(_rel_err(x, y, top if scale < 1e-5 * top else 1e-30))
+  return max(errs)
 
 
 def _vig_rules(quantizer):
@@ -99,11 +113,13 @@ def test_equivalent_to_the_legacy_model(quantizer, record_property):
       variables["params"], legacy)
   errs["train_logits"] = _rel_err(z_new, z_old)
   errs["loss"] = _rel_err(l_new, l_old)
-  errs["grads"] = _tree_rel_err(g_new, g_old)
+  errs["grads"] = _grad_rel_err(g_new, g_old)
   errs["stats"] = _tree_rel_err(u_new, u_old)
   print(f"\n{quantizer}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
   record_property("rel_err", errs)
-  assert max(errs.values()) <= 1e-6, errs
+  # Values, loss and statistics bit for bit; gradients to float32 rounding (the fused BN+GELU
+  # backward of the new blocks sums in another order than autodiff of the legacy ones).
+  assert errs["grads"] <= 2e-5 and max(v for k, v in errs.items() if k != "grads") <= 1e-6, errs
 
 
 @pytest.mark.parametrize("quantizer", ["pq", "lsq"])

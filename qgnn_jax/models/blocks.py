@@ -14,17 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from qgnn_jax import graph
+from qgnn_jax.models.batchnorm import BatchNorm, gelu  # pylint: disable=unused-import
 
 
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU in the official ViG."""
-  return nn.gelu(x, approximate=False)
+def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, name: Optional[str] = None,
+               act: Optional[str] = None) -> BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1 == 0.9 here, eps 1e-5), then `act`.
 
-
-def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, name: Optional[str] = None):
-  """BatchNorm with PyTorch's defaults (momentum 0.1 == flax 0.9, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
+  act="gelu" fuses the GELU that follows (a backward that saves only BN's input: batchnorm.py).
+  """
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   axis_name=axis_name, dtype=dtype, act=act, name=name)
 
 
 class GroupedDense(nn.Module):
@@ -96,9 +96,8 @@ class Stem(nn.Module):
     n = len(self.channels)
     for i, (c, s) in enumerate(zip(self.channels, self.strides)):
       x = conv3x3(c, s, self.dtype, f"conv{i}")(x)
-      x = batch_norm(train, self.axis_name, self.dtype, name=f"bn{i}")(x)
-      if i < n - 1:
-        x = gelu(x)
+      act = "gelu" if i < n - 1 else None
+      x = batch_norm(train, self.axis_name, self.dtype, f"bn{i}", act)(x)
     return x
 
 
@@ -134,7 +133,8 @@ class Grapher(nn.Module):
     neighbors = graph.knn_graph(nodes, self.k, self.dilation, keys=keys, relative_pos=rel)
     agg = graph.max_relative(nodes, neighbors, keys, impl=self.graph_impl)
     x = jnp.stack([nodes, agg.astype(nodes.dtype)], axis=-1).reshape(b, h, w, 2 * c)
-    x = gelu(bn("gconv_bn")(GroupedDense(2 * c, self.groups, self.dtype, name="gconv")(x)))
+    x = GroupedDense(2 * c, self.groups, self.dtype, name="gconv")(x)
+    x = batch_norm(train, self.axis_name, self.dtype, "gconv_bn", "gelu")(x)
     x = bn("fc2_bn")(dense(c, self.dtype, "fc2")(x))
     return DropPath(self.drop_path)(x, train) + shortcut
 
@@ -149,8 +149,8 @@ class FFN(nn.Module):
   @nn.compact
   def __call__(self, x, *, train=False):
     c = x.shape[-1]
-    bn = lambda name: batch_norm(train, self.axis_name, self.dtype, name)
-    y = gelu(bn("fc1_bn")(dense(self.hidden, self.dtype, "fc1")(x)))
+    bn = lambda name, act=None: batch_norm(train, self.axis_name, self.dtype, name, act)
+    y = bn("fc1_bn", "gelu")(dense(self.hidden, self.dtype, "fc1")(x))
     y = bn("fc2_bn")(dense(c, self.dtype, "fc2")(y))
     return DropPath(self.drop_path)(y, train) + x
 
@@ -167,7 +167,7 @@ class Head(nn.Module):
   def __call__(self, x, *, train=False):
     x = jnp.mean(x, axis=(1, 2))
     x = dense(self.hidden, self.dtype, "fc")(x)
-    x = gelu(batch_norm(train, self.axis_name, self.dtype, "bn")(x))
+    x = batch_norm(train, self.axis_name, self.dtype, "bn", "gelu")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = dense(self.num_classes, self.dtype, "classifier")(x)
     return x.astype(jnp.float32)
