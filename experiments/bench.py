@@ -89,6 +89,11 @@ flags.DEFINE_enum("graph_impl", None, ["dense", "segment"],
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
 flags.DEFINE_bool("graph_share", True, "Measure the k-NN graph share of the forward.")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
+flags.DEFINE_string("inference_workdir", None,
+                    "Inference instead of training: a trained QAT run's workdir; times the "
+                    "forward of its checkpoint at fp (same weights, no quantizer), fake quant "
+                    "(mode quant, as the run evaluates), and its export (qgnn_jax.export) on "
+                    "dequantized weights and on integer codes, interleaved, --batch images.")
 
 
 def device_name() -> str:
@@ -339,7 +344,68 @@ def format_table(out: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def run_inference_bench(workdir: str, batch: int, steps: int = 10, warmup: int = 2,
+                        json_path: Optional[str] = None) -> Dict[str, Any]:
+  """Inference img/s of a QAT run: fp / fake quant / export dequantized / export integer.
+
+  The forwards run on one device (jit, no pmap) on synthetic images of the model's input
+  shape, interleaved round-robin one call each per round (a burst of load hits all alike);
+  medians over `steps` rounds after `warmup`.
+  """
+  import jax
+  from qgnn_jax import export, models
+  path = os.path.join(workdir, "bench_export.qgx.tmp")
+  export.save(path, export.from_workdir(workdir))
+  try:
+    e = export.load(path)
+  finally:
+    os.remove(path)
+  fq_fn, fq_vars = export.checkpoint_fn(workdir)
+  shape = models.input_shape(e.meta["model"])
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch,) + tuple(shape))
+  plain = jax.jit(lambda v, x: e.model.apply(v, x, train=False))
+  fp_vars = {k: v for k, v in e.variables.items() if k != export.QINT}
+  fns = {"fp": (plain, fp_vars), "fake_quant": (fq_fn, fq_vars),
+         "export_dequantized": (e.apply_fn(False), e.variables),
+         "export_integer": (e.apply_fn(True), e.variables)}
+  compile_s = {}
+  for name, (fn, v) in fns.items():
+    _, compile_s[name] = _timed(lambda: fn(v, x))
+    for _ in range(warmup):
+      jax.block_until_ready(fn(v, x))
+  times = {name: [] for name in fns}
+  load0 = load_avg()
+  for _ in range(steps):
+    for name, (fn, v) in fns.items():
+      times[name].append(_timed(lambda: fn(v, x))[1])
+  load1 = load_avg()
+  out = {"device": device_name(), "workdir": workdir, "model": e.meta["model"],
+         "method": e.meta["source"].get("method"), "batch": batch, "steps": steps,
+         "integer_sites": e.integer_sites, "sites": len(e.plans),
+         "load_avg_before": load0, "load_avg_after": load1, "results": []}
+  for name in fns:
+    st = _stats_ms(times[name])
+    out["results"].append({"path": name, "compile_s": compile_s[name],
+                           "ms_median": st["median"], "ms_iqr": st["iqr"],
+                           "img_s": batch / (st["median"] / 1e3)})
+  base = out["results"][0]["img_s"]
+  print(f"{out['model']} {out['method']} batch {batch} on {out['device']} "
+        f"(load {load0} -> {load1}); {out['integer_sites']}/{out['sites']} sites integer")
+  print("| path | img/s | ms/batch (median, IQR) | vs fp |\n|---|---|---|---|")
+  for r in out["results"]:
+    print(f"| {r['path']} | {r['img_s']:.0f} | {r['ms_median']:.1f} ({r['ms_iqr']:.1f}) | "
+          f"{r['img_s'] / base:.2f}x |")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
 def main(argv):
+  if flags.FLAGS.inference_workdir:
+    F = flags.FLAGS
+    run_inference_bench(F.inference_workdir, F.batch, F.steps, F.warmup, F.json)
+    return
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

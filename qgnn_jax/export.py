@@ -558,11 +558,19 @@ def _prepare(path: str, payload: Dict[str, Any], model: nn.Module,
              rules: Tuple[QuantRule, ...]) -> Exported:
   meta = payload["meta"]
   shape = tuple(meta["input_shape"])
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1,) + shape, jnp.float32)))
+  from qgnn_jax import models  # pylint: disable=g-import-not-at-top
+  if meta["model"] in models.INPUT_SHAPES and models.input_shape(meta["model"]) != shape:
+    raise ExportError(f"{path}: model/rules mismatch: {meta['model']} takes "
+                      f"{models.input_shape(meta['model'])} images, the file says {shape}")
+  try:
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1,) + shape, jnp.float32)))
+    sites = trace_sites(model, rules, shape) if rules else []
+  except (ValueError, TypeError) as e:
+    raise ExportError(f"{path}: model/rules mismatch: {meta['model']} does not run on the "
+                      f"file's {shape} inputs: {type(e).__name__}: {e}") from None
   want = {c: {k: v for k, v in traverse_util.flatten_dict(_unfreeze(abstract[c]), sep="/").items()}
           for c in ("params", "batch_stats") if c in abstract}
-  sites = trace_sites(model, rules, shape) if rules else []
   found = {s.key: s for s in sites}
   stored = payload["sites"]
   if set(found) != set(stored):
@@ -630,24 +638,23 @@ def _load_site(path: str, s: SiteInfo, site: Mapping[str, Any]):
     _, how = site_lib.to_channels_last(jnp.zeros(s.w_shape, jnp.int8), s.w_axes)
     moved = how[1]
     c = math.prod(s.w_shape[a] for a in s.w_axes)
+    w2_shape = tuple(moved[:-len(s.w_axes)]) + (c,)
     try:
-      codes = _unpack(np.asarray(w["codes"]), spec.bits,
-                      (math.prod(s.w_shape) // c, c))
+      codes = _unpack(np.asarray(w["codes"]), spec.bits, w2_shape)
     except ValueError as e:
       raise ExportError(f"{where}: weight codes: {e}") from None
     scale = np.asarray(w["scale"], np.float32)
     zp = np.asarray(w["zero_point"], np.int32)
     offset = np.asarray(w["offset"], np.float32)
     deq = scale * (codes - zp).astype(np.float32) + offset
-    kernel = np.asarray(site_lib.from_channels_last(jnp.asarray(deq).reshape(moved[:-len(s.w_axes)] + (c,)), how))
+    kernel = np.asarray(site_lib.from_channels_last(jnp.asarray(deq), how))
     centered = codes - zp
     if np.any(offset != 0):
       reasons.append("weight grid has a non-integer zero point")
     if centered.size and (centered.min() < -128 or centered.max() > 127):
       reasons.append("weight codes minus zero point do not fit int8")
     else:
-      data["w_q"] = site_lib.from_channels_last(
-          jnp.asarray(centered.astype(np.int8)).reshape(moved[:-len(s.w_axes)] + (c,)), how)
+      data["w_q"] = site_lib.from_channels_last(jnp.asarray(centered.astype(np.int8)), how)
     data["w_scale"] = scale
   else:
     reasons.append("the rule quantizes only the activation")
