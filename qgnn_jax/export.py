@@ -57,9 +57,11 @@ different weight than the one trained.
 
 Integer inference (`Exported.apply(integer=True)`) runs the same plain Flax model through
 a qwix provider (`qat.model._Provider`'s `_site` hook) that, at each site, quantizes the
-activation to its codes (the quantizer's `integer` form with the stored state), runs the
-original op on int8 operands (code - zero_point) with `preferred_element_type=int32`, and
-rescales by scale_a * scale_w[channel] (+ the offset term). Where the grid does not allow
+activation with the stored state (the quantizer's own forward, so the grid point is the
+one fake quantization picks) and reads it back as the int8 operand code - zero_point =
+(x_hat - offset) / scale, runs the original op on int8 operands with
+`preferred_element_type=int32`, and rescales by scale_a * scale_w[channel] (+ the offset
+term). Where the grid does not allow
 it, the site falls back to dequantized weights with the fake-quantized activation (the
 reason is in `Exported.plans`): activation scales per channel, a weight grid with a
 non-integer zero point, operands that do not fit int8 (bits > 8), or a rule that
@@ -462,9 +464,13 @@ class _IntProvider(qat_model._Provider):  # pylint: disable=protected-access
         x2, how = site_lib.to_channels_last(x, x_axes)
         x = site_lib.from_channels_last(a_entry.quantize(x2, spec, a_state), how)
       return op(x, w)  # w: the dequantized kernel (or the FP one)
+    # The activation's grid point, as fake quantization computes it, read back as the int8
+    # operand code - zero_point = (x_hat - offset) / scale (exact: x_hat is on the grid), so
+    # both paths consume the same quantized activation bit for bit.
     x2, how = site_lib.to_channels_last(x, x_axes)
-    codes, _, _ = a_entry.integer(x2, spec, a_state)
-    xq = site_lib.from_channels_last((codes - plan.a_zero_raw).astype(jnp.int8), how)
+    x_hat = a_entry.quantize(x2.astype(jnp.float32), spec, a_state)
+    centered = jnp.round((x_hat - get("a_offset")) / get("a_scale"))
+    xq = site_lib.from_channels_last(centered.astype(jnp.int8), how)
     acc = op(xq, get("w_q"), preferred_element_type=jnp.int32)
     w_scale = get("w_scale")
     if w_scale.ndim:

@@ -1,6 +1,8 @@
 """Export sizes (bytes) of the registered models at fp32, W4A4 and W2A2 (issue 14).
 
-    python experiments/results/export/sizes.py vig_tiny_28 vig_ti_224 > experiments/results/export/sizes.md
+    python experiments/results/export/sizes.py vig_tiny_28:10 vig_ti_224:1000 vig_ti_224:10
+
+Arguments: model[:classes] (default 10 classes).
 
 A size depends only on the model, rules and bits, not on the trained values (codes are
 packed to a fixed length; zero points and offsets are per-tensor scalars for these
@@ -19,8 +21,8 @@ from experiments.configs import common
 from qgnn_jax import export, models, qat, recipe
 
 
-def synthetic_variables(model_name, rules):
-  model = models.create_model(model_name, 10)
+def synthetic_variables(model_name, rules, classes):
+  model = models.create_model(model_name, classes)
   qm = qat.quantize_model(model, rules)
   x = jax.ShapeDtypeStruct((1,) + models.input_shape(model_name), jnp.float32)
   abstract = jax.eval_shape(lambda x: qm.init(jax.random.PRNGKey(0), x, train=False), x)
@@ -39,21 +41,23 @@ def synthetic_variables(model_name, rules):
 
 
 def main(names):
-  print("| model | params | fp32 (bytes) | W4A4 pq (bytes) | W2A2 pq (bytes) | fp32 / W4 | fp32 / W2 |")
-  print("|---|---|---|---|---|---|---|")
-  for name in names:
+  print("| model | classes | params | fp32 (bytes) | W4A4 pq (bytes) | W2A2 pq (bytes) | fp32 / W4 | fp32 / W2 |")
+  print("|---|---|---|---|---|---|---|---|")
+  for arg in names:
+    name, _, classes = arg.partition(":")
+    classes = int(classes or 10)
     sizes = {}
     for bits in (4, 2):
-      c = common.get_config()
+      c = common.base_config()
       c.model, c.method, c.w_bits, c.a_bits = name, "pq", bits, bits
       rules = recipe.quant_rules(c)
-      v = synthetic_variables(name, rules)
-      sizes[bits] = export.nbytes(export.build(name, 10, rules, v))
-      sizes["fp32"] = export.nbytes(export.build(name, 10, rules, v, fp32=True))
+      v = synthetic_variables(name, rules, classes)
+      sizes[bits] = export.nbytes(export.build(name, classes, rules, v))
+      sizes["fp32"] = export.nbytes(export.build(name, classes, rules, v, fp32=True))
       n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(v["params"]))
-    print(f"| {name} | {n:,} | {sizes['fp32']:,} | {sizes[4]:,} | {sizes[2]:,} | "
+    print(f"| {name} | {classes} | {n:,} | {sizes['fp32']:,} | {sizes[4]:,} | {sizes[2]:,} | "
           f"{sizes['fp32'] / sizes[4]:.2f}x | {sizes['fp32'] / sizes[2]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:] or ["vig_tiny_28", "vig_ti_224"])
+  main(sys.argv[1:] or ["vig_tiny_28:10", "vig_ti_224:1000", "vig_ti_224:10"])
