@@ -296,7 +296,7 @@ def build(model_name, num_classes: int, rules: Sequence[QuantRule], variables: M
                and not any(site_lib.is_site_name(p) for p in k.split("/")[:-1])}
   meta = {"format": FORMAT, "version": VERSION, "model": model_name,
           "num_classes": int(num_classes), "model_kwargs": model_kwargs,
-          "input_shape": list(shape), "fp32": bool(fp32),
+          "input_shape": list(shape), "fp32": bool(fp32 or not rules),
           "rules": [] if fp32 else [_rule_dict(r) for r in rules],
           "bn": "kept", "source": dict(source or {})}
   return {"meta": json.dumps(meta, sort_keys=True), "params": fp_params,
