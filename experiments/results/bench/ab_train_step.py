@@ -1,0 +1,131 @@
+"""A/B of the train step's backward changes (issue 16), one process, interleaved rounds.
+
+    python experiments/results/bench/ab_train_step.py --model vig_ti_32 --batch 128 \
+        --methods fp --rounds 10 --json experiments/results/bench/ab_train_step_cpu.json
+
+Variants (each the real `train.make_train_step` of `experiments.bench`, traced with the
+switches below; same weights, same batch):
+  before:      reduce_max's autodiff in the max-relative aggregation, flax-style BatchNorm
+               (unfused BN and GELU, one-pass variance): the code before these changes;
+  gather_max:  + the max-relative backward that scatters to the arg-max sender;
+  fused_bn:    + BN(train) + GELU fused by a hand-written VJP (one-pass variance);
+  two_pass:    + the two-pass variance (the default now).
+Every round times one step of each variant in turn (so a burst of load hits them alike);
+medians over the rounds after one warm-up step. Reports ms/step and the ratio to `before`,
+plus the 1-minute load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
+
+VARIANTS = {
+    "before": dict(gather_max=False, fused=False, fast_variance=True),
+    "gather_max": dict(gather_max=True, fused=False, fast_variance=True),
+    "fused_bn": dict(gather_max=True, fused=True, fast_variance=True),
+    "two_pass": dict(gather_max=True, fused=True, fast_variance=False),
+}
+
+
+@contextlib.contextmanager
+def switches(gather_max: bool, fused: bool, fast_variance: bool):
+  """Traces the model with the old or new max backward and BatchNorm (module globals)."""
+  import jax.numpy as jnp
+  from qgnn_jax import graph
+  from qgnn_jax.models import blocks
+  orig_gm, orig_bn = graph.gather_max, blocks.batch_norm
+  if not gather_max:
+    graph.gather_max = lambda src, nbrs: jnp.max(graph._gather(src, nbrs), axis=2)  # pylint: disable=protected-access
+  blocks.batch_norm = lambda *a, **k: orig_bn(*a, **k).clone(
+      fused_backward=fused, fast_variance=fast_variance)
+  try:
+    yield
+  finally:
+    graph.gather_max, blocks.batch_norm = orig_gm, orig_bn
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="vig_ti_32")
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--methods", default="fp")
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--rounds", type=int, default=10)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments import bench
+  from qgnn_jax import train as train_lib
+  from qgnn_jax.models import input_shape
+
+  n_dev = jax.local_device_count()
+  shape = input_shape(args.model)
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((args.batch,) + shape, np.float32),
+          "label": rng.integers(0, 10, (args.batch,), np.int32)}
+  data = jax.pmap(lambda x: x)(train_lib.shard_batch(host, n_dev))
+  tx = train_lib.make_optimizer("adamw", 1e-3, 1000, 10)
+  runs = []
+  for method in args.methods.split(","):
+    model, init_model = bench.build_models(args.model, method, 10)
+    state = train_lib.create_state(init_model, tx, jnp.asarray(host["image"][:2]),
+                                   jax.random.key(0))
+    if method != "fp":
+      state = train_lib.calibrate(init_model, state, jnp.asarray(host["image"][:8]))
+    for name in args.variants.split(","):
+      with switches(**VARIANTS[name]):
+        step = train_lib.make_train_step(model, tx, bench.loss_config(method), 10)
+        rstate = train_lib.replicate(state, n_dev)
+        t0 = time.perf_counter()
+        rstate, _ = step(rstate, data)  # traces under the switches
+        jax.block_until_ready(rstate)
+        compile_s = time.perf_counter() - t0
+      rstate, _ = step(rstate, data)  # warm-up
+      jax.block_until_ready(rstate)
+      runs.append(dict(method=method, variant=name, step=step, state=rstate,
+                       compile_s=compile_s, t=[]))
+      print(f"{method} {name}: compiled in {compile_s:.1f} s", flush=True)
+  load_before = os.getloadavg()[0]
+  for r_i in range(args.rounds):
+    for r in runs:
+      t0 = time.perf_counter()
+      r["state"], _ = r["step"](r["state"], data)
+      jax.block_until_ready(r["state"])
+      r["t"].append(time.perf_counter() - t0)
+    print(f"round {r_i + 1}/{args.rounds}", flush=True)
+  load_after = os.getloadavg()[0]
+  out = {"model": args.model, "batch": args.batch, "device": bench.device_name(),
+         "rounds": args.rounds, "load_before": round(load_before, 2),
+         "load_after": round(load_after, 2), "results": []}
+  base = {}
+  for r in runs:
+    ms = 1e3 * statistics.median(r["t"])
+    base.setdefault(r["method"], ms)
+    out["results"].append(dict(method=r["method"], variant=r["variant"],
+                               compile_s=round(r["compile_s"], 1),
+                               step_ms_median=round(ms, 1),
+                               step_ms_min=round(1e3 * min(r["t"]), 1),
+                               vs_before=round(base[r["method"]] / ms, 3)))
+  print(f"| method | variant | compile s | step ms (median) | min | speed vs before |")
+  print("|---|---|---|---|---|---|")
+  for r in out["results"]:
+    print(f"| {r['method']} | {r['variant']} | {r['compile_s']} | {r['step_ms_median']} | "
+          f"{r['step_ms_min']} | {r['vs_before']:.3f}x |")
+  print(f"{out['device']}; load average {out['load_before']} / {out['load_after']}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
