@@ -363,7 +363,7 @@ def run_inference_bench(workdir: str, batch: int, steps: int = 10, warmup: int =
     e = export.load(path)
   finally:
     os.remove(path)
-  fq_fn, fq_vars = export.checkpoint_fn(workdir)
+  fq_fn, fq_vars = export.checkpoint_fn(workdir, exported=e)
   shape = models.input_shape(e.meta["model"])
   x = jax.random.normal(jax.random.PRNGKey(0), (batch,) + tuple(shape))
   plain = jax.jit(lambda v, x: e.model.apply(v, x, train=False))

@@ -85,7 +85,7 @@ import qwix
 from flax import serialization, traverse_util
 from qwix._src.utils import flax_util as qwix_flax_util
 
-from qgnn_jax import quant
+from qgnn_jax import qat, quant
 from qgnn_jax.qat import model as qat_model
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
@@ -756,18 +756,26 @@ def predict(fn, variables: Any, images: np.ndarray, info, batch_size: int = 1000
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def checkpoint_fn(workdir: str, step: Optional[int] = None):
+def checkpoint_fn(workdir: str, step: Optional[int] = None,
+                  exported: Optional["Exported"] = None):
   """(jitted (variables, images) -> logits, variables) of a run's checkpoint, evaluated as
-  the run evaluates it: fake quantization (mode "quant") for QAT, plain for FP."""
+  the run evaluates it: fake quantization (mode "quant") for QAT, plain for FP.
+
+  exported: take the model and rules from this export (the reference for its integer
+  path: the same rules whatever today's config defaults say), else from config.json.
+  """
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, recipe  # pylint: disable=g-import-not-at-top
-  config = experiment.load_run_config(workdir)
-  model = recipe.build_model(config, int(data_lib.get_info(config.dataset).num_classes))
+  if exported is not None:
+    model = qat.quantize_model(exported.model, exported.rules)
+  else:
+    config = experiment.load_run_config(workdir)
+    model = recipe.build_model(config, int(data_lib.get_info(config.dataset).num_classes))
   raw = ckpt.restore_from(workdir, step=step)
   variables = {k: jax.tree_util.tree_map(jnp.asarray, raw[k])
                for k in ("params", "batch_stats", "quant_stats") if raw.get(k)}
-  mode = "quant" if recipe.parse_method(config.method).quantized else "fp"
+  mode = "quant" if model.quantized else "fp"
   return jax.jit(lambda v, x: model.apply(v, x, train=False, mode=mode)), variables
 
 
@@ -796,7 +804,7 @@ def evaluate_export(path: str, dataset: Optional[str] = None, data_dir: Optional
                                     batch_size)
     if not source.get("workdir"):
       raise ExportError(f"{path}: records no source workdir to compare with")
-    fn, variables = checkpoint_fn(source["workdir"], source.get("step"))
+    fn, variables = checkpoint_fn(source["workdir"], source.get("step"), exported)
     logits["checkpoint"] = predict(fn, variables, x, info, batch_size)
   out = {"export": path, "bytes": os.path.getsize(path), "model": exported.meta["model"],
          "method": source.get("method"), "dataset": dataset, "split": "test", "count": len(y),
