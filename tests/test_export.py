@@ -243,7 +243,7 @@ def test_workdir_export_load_evaluate_round_trip(tmp_path):
   from qgnn_jax import experiment  # pylint: disable=g-import-not-at-top
   c = quickstart.get_config()
   c.update(pretrain_fp_epochs=0.0, method="pq", num_steps=1, batch_size=32,
-           eval_batch_size=359, checkpoint_every=1, eval_every_epochs=0.0, progress=False)
+           eval_batch_size=360, checkpoint_every=1, eval_every_epochs=0.0, progress=False)
   wd = str(tmp_path / "qat")
   res = experiment.train_and_evaluate(c, wd)
   out = export.export_workdir(wd, str(tmp_path / "m.qgx"))
