@@ -40,11 +40,15 @@ def switches(gather_max: bool, fused: bool, fast_variance: bool):
   import jax.numpy as jnp
   from qgnn_jax import graph
   from qgnn_jax.models import blocks
+  from qgnn_jax.models.batchnorm import BatchNorm
   orig_gm, orig_bn = graph.gather_max, blocks.batch_norm
   if not gather_max:
     graph.gather_max = lambda src, nbrs: jnp.max(graph._gather(src, nbrs), axis=2)  # pylint: disable=protected-access
-  blocks.batch_norm = lambda *a, **k: orig_bn(*a, **k).clone(
-      fused_backward=fused, fast_variance=fast_variance)
+  def batch_norm(train, axis_name, dtype, name=None, act=None):
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     axis_name=axis_name, dtype=dtype, act=act, name=name,
+                     fused_backward=fused, fast_variance=fast_variance)
+  blocks.batch_norm = batch_norm
   try:
     yield
   finally:
