@@ -503,8 +503,9 @@ def run_pipeline(config, workdir: str, allow_config_change: bool = False) -> lis
 
 
 def load_run_config(workdir: str):
-  """A workdir's config.json as a run ConfigDict (fields added to base_config since it
-  was written take their defaults). Raises FileNotFoundError when there is none."""
+  """A workdir's config.json as a run ConfigDict: fields it predates take the values the run
+  was made with where those are known (`run_config.LEGACY_VALUES`: an old LSQ run's signed
+  GELU grid), else today's defaults. Raises FileNotFoundError when there is none."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from experiments.configs.common import base_config  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, CONFIG_FILE)
@@ -512,7 +513,7 @@ def load_run_config(workdir: str):
   if saved is None:
     raise FileNotFoundError(f"{path} not found: is {workdir} a run's workdir?")
   config = base_config()
-  config.update(ml_collections.ConfigDict(saved))
+  config.update(ml_collections.ConfigDict(run_config.with_legacy_values(saved)))
   return config
 
 

@@ -143,3 +143,19 @@ def test_cli_bad_field_exits_2_with_one_line_and_no_workdir(tmp_path, override):
   errors = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(errors) == 1 and errors[0].startswith("error: config."), out.stderr[-2000:]
   assert override.split("=")[0][2:] in errors[0] and not wd.exists()
+
+
+def test_load_run_config_reads_old_workdirs_with_their_legacy_values(tmp_path):
+  """A config.json written before lsq_gelu_grid / range_grad existed loads with the values
+  its run was made with (signed grid, no range gradient), not today's defaults."""
+  import json
+  from experiments.configs.common import base_config
+  from qgnn_jax import experiment
+  old = base_config().to_dict()
+  for field in run_config.LEGACY_VALUES:
+    old.pop(field)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loaded = experiment.load_run_config(str(tmp_path))
+  for field, value in run_config.LEGACY_VALUES.items():
+    assert loaded[field] == value, field
+  assert base_config().lsq_gelu_grid != run_config.LEGACY_VALUES["lsq_gelu_grid"]
