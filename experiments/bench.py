@@ -186,12 +186,6 @@ def _stats_ms(ts: Sequence[float]) -> Dict[str, float]:
   return {"median": statistics.median(ms), "iqr": q[2] - q[0], "min": ms[0], "max": ms[-1]}
 
 
-def _run_once(fn, *args):
-  """jit-compiles fn at XLA backend optimisation level 0 and calls it once."""
-  import jax
-  return jax.jit(fn).lower(*args).compile(
-      compiler_options={"xla_backend_optimization_level": 0})(*args)
-
 
 def _timed(fn):
   import jax
@@ -247,13 +241,11 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
     bar.set_postfix(method=method)
     model, init_model = build_models(model_name, method, num_classes, dtype, **extra)
     tx = train_lib.make_optimizer("adamw", 1e-3, 1000, 10)
-    # Set-up code runs once: compiled without LLVM optimisation (several times faster to
-    # compile; its run time does not matter).
-    state = _run_once(lambda im, key: train_lib.create_state(init_model, tx, im, key),
-                      jnp.asarray(host["image"][:2]), jax.random.key(0))
+    # Set-up code runs once: compiled without LLVM optimisation (train.run_once).
+    state = train_lib.create_state(init_model, tx, jnp.asarray(host["image"][:2]),
+                                   jax.random.key(0))
     if parsed[method].quantized:
-      state = _run_once(lambda st, im: train_lib.calibrate(init_model, st, im),
-                        state, jnp.asarray(host["image"][:min(batch, 8)]))
+      state = train_lib.calibrate(init_model, state, jnp.asarray(host["image"][:min(batch, 8)]))
     rstate = train_lib.replicate(state, n_dev)
     train_step = train_lib.make_train_step(model, tx, loss_config(method), num_classes)
     (rstate, _), compile_s = _timed(lambda: train_step(rstate, data))

@@ -150,7 +150,7 @@ def create_state(model: Model, tx: optax.GradientTransformation, images: jax.Arr
   """Initialises variables from a batch of images (B, H, W, C) and the optimiser state.
 
   The model is called as `model(images, train=False)` (every model here takes `train`).
-  Compiled as one program (`run_once`), so call it outside jit.
+  Compiled as one program (`run_once`; under an enclosing jit, part of that program).
   """
   return run_once(functools.partial(_init_state, model, tx), images, rng)
 
@@ -171,7 +171,7 @@ def calibrate(model: Model, state: TrainState, images: jax.Array) -> TrainState:
 
   Used when QAT starts from FP weights: LSQ's init s = 2 mean|x| / sqrt(Q_P)
   must see the real weights and activations, not the random init. Compiled as one
-  program (`run_once`), so call it outside jit.
+  program (`run_once`; under an enclosing jit, part of that program).
   """
   return run_once(functools.partial(_calibrate, model), state, images)
 

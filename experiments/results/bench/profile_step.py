@@ -38,16 +38,16 @@ def main():
   import jax, jax.numpy as jnp, numpy as np
   from qgnn_jax import recipe, train as T
   from qgnn_jax.models import input_shape
-  from experiments.bench import build_models, loss_config, _run_once
+  from experiments.bench import build_models, loss_config
   quantized = recipe.parse_method(a.method).quantized
   model, init_model = build_models(a.model, a.method, 10)  # the recipe's W4A4 rules, as bench
   tx = T.make_optimizer("adamw", 1e-3, 1000, 10)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((a.batch,) + input_shape(a.model), np.float32)
   y = rng.integers(0, 10, (a.batch,), np.int32)
-  s = _run_once(lambda im, k: T.create_state(init_model, tx, im, k), jnp.asarray(x[:2]), jax.random.key(0))
+  s = T.create_state(init_model, tx, jnp.asarray(x[:2]), jax.random.key(0))
   if quantized:
-    s = _run_once(lambda st, im: T.calibrate(init_model, st, im), s, jnp.asarray(x[:8]))
+    s = T.calibrate(init_model, s, jnp.asarray(x[:8]))
   state = T.replicate(s, 1); data = jax.pmap(lambda v: v)(T.shard_batch({"image": x, "label": y}, 1))
   if a.eval:
     fn = T.make_eval_step(model, "quant" if quantized else "fp")
