@@ -66,7 +66,9 @@ def test_loss_config_and_models_follow_the_recipe():
   assert (fp.student_mode, fp.alpha, fp.beta) == ("fp", 0.0, 0.0)
   model, init_model = bench.build_models("vig_digits", "lsq+sqd", 10, depth=1)
   assert isinstance(model, qat.QuantizedModel) and model.rules == init_model.rules
-  (rule,) = model.rules
+  from qgnn_jax.recipe import GELU_INPUTS
+  gelu_fed, rule = model.rules  # the body's GELU-fed ops (LSQ's GELU grid), then the rest
+  assert gelu_fed.module_path == GELU_INPUTS["body"]
   assert (rule.module_path, rule.w_quantizer, rule.a_quantizer, rule.w_bits, rule.a_bits) == (
       LAYER_GROUPS["body"], "lsq", "lsq", 4, 4)
   assert model.original.axis_name == "batch" and init_model.original.axis_name is None

@@ -271,14 +271,17 @@ def test_bad_method_and_missing_init(tmp_path):
 def test_quant_rules_carry_every_grid_choice():
   c = quickstart.get_config()
   c.method, c.w_bits, c.a_bits, c.lam = "pq+sqd", 2, 3, 2.5
-  (q,) = recipe.quant_rules(c)
-  assert (q.w_quantizer, q.a_quantizer, q.w_bits, q.a_bits, q.lam) == ("pq", "pq", 2, 3, 2.5)
-  assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
-      True, False, "channel", "tensor")
+  # Two rules per quantized layer group: its GELU-fed ops (LSQ's GELU grid), then the rest.
+  gelu_fed, rest = recipe.quant_rules(c)
+  assert (gelu_fed.a_grid, rest.a_grid) == (c.lsq_gelu_grid, "signed")
+  for q in (gelu_fed, rest):
+    assert (q.w_quantizer, q.a_quantizer, q.w_bits, q.a_bits, q.lam) == ("pq", "pq", 2, 3, 2.5)
+    assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
+        True, False, "channel", "tensor")
   c.w_symmetric, c.a_symmetric, c.w_granularity, c.a_granularity = False, True, "tensor", "channel"
-  (q,) = recipe.quant_rules(c)
-  assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
-      False, True, "tensor", "channel")
+  for q in recipe.quant_rules(c):
+    assert (q.w_symmetric, q.a_symmetric, q.w_granularity, q.a_granularity) == (
+        False, True, "tensor", "channel")
   c.a_granularity = "row"
   with pytest.raises(ValueError, match="a_granularity='row'"):
     recipe.quant_rules(c)

@@ -164,7 +164,9 @@ def test_parse_method_and_quant_rules():
   config = common.base_config()
   config.method, config.w_bits, config.a_bits, config.lam = "pq+aqd", 3, 5, 2.0
   gelu, body = recipe.quant_rules(config)
-  assert gelu == dataclasses.replace(body, module_path=recipe.GELU_INPUTS["body"])
+  assert gelu == dataclasses.replace(body, module_path=recipe.GELU_INPUTS["body"],
+                                     a_grid=config.lsq_gelu_grid)
+  assert body.a_grid == "signed"
   assert (body.module_path, body.w_quantizer, body.a_quantizer, body.w_bits, body.a_bits,
           body.lam) == (LAYER_GROUPS["body"], "pq", "pq", 3, 5, 2.0)
   hash(recipe.quant_rules(config))  # static argument of jit, part of a QuantizedModel's hash
