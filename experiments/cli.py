@@ -27,6 +27,19 @@ def setup_compilation_cache() -> None:
   compile_cache.enable(flags.FLAGS.compilation_cache)
 
 
+def call_or_fail(fn, errors, verbose: bool, config_errors=()):
+  """fn(); a `config_errors` exception exits 2, an `errors` one exits 1, each as one line
+  (`errors` re-raised with its traceback when verbose). Other exceptions propagate."""
+  try:
+    return fn()
+  except config_errors as e:
+    fail(str(e), EXIT_CONFIG)
+  except errors as e:
+    if verbose:
+      raise
+    fail(str(e), EXIT_ERROR)
+
+
 def fail(message: str, status: int) -> None:
   """`error: <message>` on stderr, then exit with `status`."""
   print(f"error: {message}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ config.json with a bad field exits with status 2; a missing workdir or checkpoin
 """
 from absl import app, flags
 
-from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console, setup_compilation_cache
+from experiments.cli import call_or_fail, set_console, setup_compilation_cache
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -39,13 +39,10 @@ def main_export(fl):
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, export  # pylint: disable=g-import-not-at-top
   from qgnn_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
-  try:
-    out = export.evaluate_export(fl.export, fl.dataset, fl.data_dir, fl.compare, fl.limit)
-  except (FileNotFoundError, export.ExportError, ckpt.CheckpointError, DatasetNotFoundError,
-          experiment.DataError) as e:
-    if fl.verbose:
-      raise
-    fail(str(e), EXIT_ERROR)
+  out = call_or_fail(
+      lambda: export.evaluate_export(fl.export, fl.dataset, fl.data_dir, fl.compare, fl.limit),
+      (FileNotFoundError, export.ExportError, ckpt.CheckpointError, DatasetNotFoundError,
+       experiment.DataError), fl.verbose)
   print(f"{fl.export} ({out['bytes']:,} bytes, {out['integer_sites']}/{out['sites']} sites "
         f"on integer codes): {out['split']} top-1 {100 * out['top1_integer']:.2f}% "
         f"({out['count']} images)")
@@ -72,14 +69,9 @@ def main(argv):
     return main_export(fl)
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
-  try:
-    out = experiment.evaluate_checkpoint(fl.workdir, fl.step, fl.split)
-  except run_config.ConfigError as e:
-    fail(str(e), EXIT_CONFIG)
-  except (FileNotFoundError, ckpt.CheckpointError, experiment.DataError) as e:
-    if fl.verbose:
-      raise
-    fail(str(e), EXIT_ERROR)
+  out = call_or_fail(lambda: experiment.evaluate_checkpoint(fl.workdir, fl.step, fl.split),
+                     (FileNotFoundError, ckpt.CheckpointError, experiment.DataError),
+                     fl.verbose, run_config.ConfigError)
   print(f"{fl.workdir} step {out['step']}: {out['split']} top-1 {100 * out['top1']:.2f}% "
         f"({out['count']} images), loss {out['loss']:.4f}; written to "
         f"{fl.workdir}/eval.json")

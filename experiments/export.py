@@ -11,7 +11,7 @@ with status 1, a bad config.json with 2.
 """
 from absl import app, flags
 
-from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console, setup_compilation_cache
+from experiments.cli import call_or_fail, set_console, setup_compilation_cache
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("out", None, "The export file to write (e.g. model.qgx).")
@@ -27,14 +27,9 @@ def main(argv):
   setup_compilation_cache()
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import export, run_config  # pylint: disable=g-import-not-at-top
-  try:
-    out = export.export_workdir(fl.workdir, fl.out, fl.step)
-  except run_config.ConfigError as e:
-    fail(str(e), EXIT_CONFIG)
-  except (FileNotFoundError, ckpt.CheckpointError, export.ExportError) as e:
-    if fl.verbose:
-      raise
-    fail(str(e), EXIT_ERROR)
+  out = call_or_fail(lambda: export.export_workdir(fl.workdir, fl.out, fl.step),
+                     (FileNotFoundError, ckpt.CheckpointError, export.ExportError), fl.verbose,
+                     run_config.ConfigError)
   print(f"{fl.out}: {out['bytes']:,} bytes ({out['sites']} quantized sites, step "
         f"{out['step']}); the same model at fp32: {out['bytes_fp32']:,} bytes "
         f"({out['bytes_fp32'] / out['bytes']:.2f}x)")
