@@ -6,7 +6,8 @@ import pytest
 from experiments import bench
 
 KEYS = {"method": str, "compile_s": float, "train_step_ms_median": float, "train_img_s": float,
-        "eval_img_s": float, "graph_share": float}
+        "eval_img_s": float, "graph_share": float, "lower_s": float, "xla_compile_s": float,
+        "first_step_s": float}
 
 
 def test_bench_json_schema(tmp_path):
@@ -24,6 +25,9 @@ def test_bench_json_schema(tmp_path):
     for k, t in KEYS.items():
       assert isinstance(r[k], t), (k, r[k])
     assert r["compile_s"] > 0 and r["train_step_ms_median"] > 0
+    phases = r["lower_s"] + r["xla_compile_s"] + r["first_step_s"]
+    assert min(r["lower_s"], r["xla_compile_s"], r["first_step_s"]) > 0
+    assert phases == pytest.approx(r["compile_s"], abs=3e-3)  # the three phases are the first call
     assert r["train_img_s"] > 0 and r["eval_img_s"] > 0
     assert r["graph_share"] < 1
 

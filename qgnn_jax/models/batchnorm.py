@@ -33,8 +33,18 @@ ACTIVATIONS = (None, "gelu")
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU in the official ViG (jax.nn.gelu's formula)."""
-  return nn.gelu(x, approximate=False)
+  """Exact GELU in torch.nn.GELU's formula, x/2 (1 + erf(x/sqrt 2)) (the official ViG's).
+
+  jax.nn.gelu(approximate=False) computes the same function as x/2 erfc(-x/sqrt 2); XLA:CPU
+  lowers erfc to several unfused kernels (2x the time of erf on 4.8M floats, and the ViG
+  evaluates GELU on ~40 % of its activations). The two agree to 5e-7 (tests).
+  """
+  return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def gelu_slope(z: jax.Array) -> jax.Array:
+  """GELU'(z) = Phi(z) + z phi(z), Phi in the forward's erf form. z: any shape, float."""
+  return 0.5 * (1.0 + lax.erf(z * _SQRT_HALF)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
 
 
 def batch_moments(x: jax.Array, axis_name: Optional[str] = None,
@@ -90,9 +100,7 @@ def _normalize_gelu_bwd(epsilon, out_dtype, res, g):
   mul = r * scale
   xc = x - mean
   z = xc * mul + bias
-  # GELU'(z) = Phi(z) + z phi(z), with Phi as in the forward (erfc form).
-  dgelu = 0.5 * lax.erfc(-z * _SQRT_HALF) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
-  dz = g.astype(z.dtype) * dgelu
+  dz = g.astype(z.dtype) * gelu_slope(z)
   d_bias = jnp.sum(dz, axes)
   dz_xc = jnp.sum(dz * xc, axes)
   d_scale = dz_xc * r

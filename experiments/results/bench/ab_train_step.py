@@ -9,7 +9,9 @@ switches below; same weights, same batch):
                (unfused BN and GELU, one-pass variance): the code before these changes;
   gather_max:  + the max-relative backward that scatters to the arg-max sender;
   fused_bn:    + BN(train) + GELU fused by a hand-written VJP (one-pass variance);
-  two_pass:    + the two-pass variance (the default now).
+  two_pass:    + the two-pass variance;
+  erf_gelu:    + GELU (forward and the fused backward's slope) in torch's erf form instead
+               of jax.nn.gelu's erfc form (the default now).
 Every round times one step of each variant in turn (so a burst of load hits them alike);
 medians over the rounds after one warm-up step. Reports ms/step and the ratio to `before`,
 plus the 1-minute load average before and after.
@@ -27,21 +29,29 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 
 VARIANTS = {
-    "before": dict(gather_max=False, fused=False, fast_variance=True),
-    "gather_max": dict(gather_max=True, fused=False, fast_variance=True),
-    "fused_bn": dict(gather_max=True, fused=True, fast_variance=True),
-    "two_pass": dict(gather_max=True, fused=True, fast_variance=False),
+    "before": dict(gather_max=False, fused=False, fast_variance=True, erf_gelu=False),
+    "gather_max": dict(gather_max=True, fused=False, fast_variance=True, erf_gelu=False),
+    "fused_bn": dict(gather_max=True, fused=True, fast_variance=True, erf_gelu=False),
+    "two_pass": dict(gather_max=True, fused=True, fast_variance=False, erf_gelu=False),
+    "erf_gelu": dict(gather_max=True, fused=True, fast_variance=False),
 }
 
 
 @contextlib.contextmanager
-def switches(gather_max: bool, fused: bool, fast_variance: bool):
-  """Traces the model with the old or new max backward and BatchNorm (module globals)."""
+def switches(gather_max: bool, fused: bool, fast_variance: bool, erf_gelu: bool = True):
+  """Traces the model with the old or new max backward, BatchNorm and GELU (module globals)."""
+  import jax
   import jax.numpy as jnp
+  from jax import lax
   from qgnn_jax import graph
-  from qgnn_jax.models import blocks
+  from qgnn_jax.models import batchnorm, blocks
   from qgnn_jax.models.batchnorm import BatchNorm
   orig_gm, orig_bn = graph.gather_max, blocks.batch_norm
+  orig_gelu, orig_slope = batchnorm.gelu, batchnorm.gelu_slope
+  if not erf_gelu:  # the erfc form of jax.nn.gelu, forward and slope (the code before)
+    batchnorm.gelu = lambda x: jax.nn.gelu(x, approximate=False)
+    batchnorm.gelu_slope = lambda z: (0.5 * lax.erfc(-z * batchnorm._SQRT_HALF)  # pylint: disable=protected-access
+                                      + z * (batchnorm._INV_SQRT_2PI * jnp.exp(-0.5 * z * z)))  # pylint: disable=protected-access
   if not gather_max:
     graph.gather_max = lambda src, nbrs: jnp.max(graph._gather(src, nbrs), axis=2)  # pylint: disable=protected-access
   def batch_norm(train, axis_name, dtype, name=None, act=None):
@@ -53,6 +63,7 @@ def switches(gather_max: bool, fused: bool, fast_variance: bool):
     yield
   finally:
     graph.gather_max, blocks.batch_norm = orig_gm, orig_bn
+    batchnorm.gelu, batchnorm.gelu_slope = orig_gelu, orig_slope
 
 
 def main():

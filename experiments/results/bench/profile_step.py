@@ -29,11 +29,39 @@ def categorize(op_name):
   return "other (adds, copies, loss, ...)"
 
 
+def hlo_op_names(hlo):
+  """{ENTRY instruction: op_name}. A fusion without its own op_name (XLA:CPU's library
+  fusions) takes the op_name of the ops inside its fused computation (the most common)."""
+  body_names, comp = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if m:
+      comp = m.group(1); body_names[comp] = []
+    elif comp is not None:
+      om = re.search(r'op_name="([^"]*)"', line)
+      if om:
+        body_names[comp].append(om.group(1))
+  op_name = {}
+  for line in hlo[hlo.index("ENTRY"):].splitlines():
+    m = re.match(r"\s+%([\w.\-]+) = ", line)
+    if m:
+      om = re.search(r'op_name="([^"]*)"', line)
+      if om:
+        op_name[m.group(1)] = om.group(1)
+        continue
+      inner = []
+      for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
+        inner += body_names.get(callee, [])
+      op_name[m.group(1)] = collections.Counter(inner).most_common(1)[0][0] if inner else "?"
+  return op_name
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="vig_ti_32"); p.add_argument("--batch", type=int, default=128)
   p.add_argument("--method", default="fp"); p.add_argument("--steps", type=int, default=2)
   p.add_argument("--eval", action="store_true"); p.add_argument("--top", type=int, default=0)
+  p.add_argument("--hlo_out", help="also write the compiled step's HLO text to this file")
   a = p.parse_args()
   import jax, jax.numpy as jnp, numpy as np
   from qgnn_jax import recipe, train as T
@@ -58,6 +86,9 @@ def main():
   for _ in range(2):  # compile + warm-up
     state, out = step(state, data); jax.block_until_ready((state, out))
   hlo = fn.lower(state, data).compile().as_text()
+  if a.hlo_out:
+    with open(a.hlo_out, "w") as f:
+      f.write(hlo)
   tmp = tempfile.mkdtemp()
   walls = []
   with jax.profiler.trace(tmp):
@@ -66,19 +97,16 @@ def main():
       walls.append(time.perf_counter() - t0)
   trace = json.load(gzip.open(glob.glob(tmp + "/**/*.trace.json.gz", recursive=True)[0]))
   shutil.rmtree(tmp, ignore_errors=True)
-  op_name = {}
-  for line in hlo[hlo.index("ENTRY"):].splitlines():
-    m = re.match(r"\s+%([\w.\-]+) = ", line)
-    if m:
-      om = re.search(r'op_name="([^"]*)"', line)
-      op_name[m.group(1)] = om.group(1) if om else "?"
+  op_name = hlo_op_names(hlo)
   by = collections.Counter(); ops = collections.Counter()
   for e in trace["traceEvents"]:
     if e.get("ph") == "X" and e["name"] in op_name:
       on = op_name[e["name"]]
       half = "bwd" if "transpose(" in on else "fwd"
       by[(categorize(on), half)] += e["dur"] / 1e3 / a.steps
-      ops[(on.replace("jit(_fun)/", ""), e["name"].rsplit(".", 1)[0])] += e["dur"] / 1e3 / a.steps
+      # Unnamed ops keep their instance name, to be found in --hlo_out's text.
+      hop = e["name"] if on == "?" else e["name"].rsplit(".", 1)[0]
+      ops[(on.replace("jit(_fun)/", ""), hop)] += e["dur"] / 1e3 / a.steps
   total = sum(by.values())
   kind = "eval" if a.eval else "train"
   print(f"{a.model} batch {a.batch} {a.method} {kind} step: wall {1e3 * min(walls):.0f} ms (best of "
