@@ -1,7 +1,8 @@
 """Vision GNN building blocks (Han et al., NeurIPS 2022), NHWC, plain Flax.
 
-No quantization code: the linear layers are `nn.Dense`, `nn.Conv` and `GroupedDense`
-(an einsum), which `qgnn_jax.qat.quantize_model` quantizes from outside by rules.
+No quantization code: the linear layers are `nn.Dense`, `nn.Conv` (its op
+`qgnn_jax.conv.conv_general_dilated`) and `GroupedDense` (an einsum), which
+`qgnn_jax.qat.quantize_model` quantizes from outside by rules.
 Every block takes `train` (BN batch statistics, dropout, drop-path).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qgnn_jax import graph
+from qgnn_jax import conv, graph
 from qgnn_jax.models.batchnorm import BatchNorm, gelu  # pylint: disable=unused-import
 
 
@@ -58,9 +59,17 @@ def dense(features: int, dtype: Any, name: str) -> nn.Dense:
 
 
 def conv3x3(features: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  """3x3 conv, padding 1 (as PyTorch's Conv2d(3, stride, 1)), float32 params."""
+  """3x3 conv, padding 1 (as PyTorch's Conv2d(3, stride, 1)), float32 params.
+
+  The op is `qgnn_jax.conv.conv_general_dilated` (lax's, with a matmul weight gradient on
+  XLA:CPU), looked up when called so that `qgnn_jax.qat`'s interception of it applies.
+  """
   return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), dtype=dtype,
-                 param_dtype=jnp.float32, name=name)
+                 param_dtype=jnp.float32, conv_general_dilated=_conv_op, name=name)
+
+
+def _conv_op(*args, **kwargs):
+  return conv.conv_general_dilated(*args, **kwargs)
 
 
 class DropPath(nn.Module):

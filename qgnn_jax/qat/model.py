@@ -2,7 +2,8 @@
 
 Built on qwix's interception (PyPI `qwix`, pinned in requirements.txt): a
 `qwix.QuantizationProvider` whose `get_intercept_map()` replaces `jax.lax.dot_general`,
-`jax.lax.conv_general_dilated` and `jax.numpy.einsum` while the model runs, and
+`jax.lax.conv_general_dilated` (and `qgnn_jax.conv.conv_general_dilated`, the same op with
+a faster CPU weight gradient) and `jax.numpy.einsum` while the model runs, and
 `qwix.quantize_model`, which makes a subclass of the model's class with its `__call__`
 wrapped (so parameter paths and everything else stay those of the original model).
 `nn.Dense`, `nn.DenseGeneral`, `nn.Conv` (grouped too) and `nn.Einsum` reach these ops.
@@ -32,6 +33,7 @@ from absl import logging
 from qwix._src import aux_data
 from qwix._src.utils import flax_util as qwix_flax_util
 
+from qgnn_jax import conv as qgnn_conv
 from qgnn_jax.qat import rules as rules_lib
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
@@ -104,6 +106,8 @@ class _Provider(qwix.QuantizationProvider):
     return {**super().get_intercept_map(),
             "jax.lax.dot_general": self._dot_general,
             "jax.lax.conv_general_dilated": self._conv_general_dilated,
+            # The same op with a faster CPU weight gradient (the ViG's convs call it).
+            "qgnn_jax.conv.conv_general_dilated": self._qgnn_conv_general_dilated,
             "jax.numpy.einsum": self._einsum}
 
   def _rule(self, op_name: str) -> Tuple[Optional[QuantRule], Optional[nn.Module]]:
@@ -169,9 +173,14 @@ class _Provider(qwix.QuantizationProvider):
     call = op if w_is_rhs else (lambda a, b, **kw: op(b, a, **kw))
     return self._site(module, rule, "dot_general", call, x, xc, w, w_out, layout)
 
+  def _qgnn_conv_general_dilated(self, *args, **kwargs):
+    return self._conv_general_dilated(*args, conv_op=qgnn_conv.conv_general_dilated, **kwargs)
+
   def _conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
-                            rhs_dilation=None, dimension_numbers=None, *args, **kwargs):
-    op = lambda a, b, **kw: jax.lax.conv_general_dilated(
+                            rhs_dilation=None, dimension_numbers=None, *args,
+                            conv_op=None, **kwargs):
+    conv_op = conv_op or jax.lax.conv_general_dilated
+    op = lambda a, b, **kw: conv_op(
         a, b, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         *args, **{**kwargs, **kw})
     rule, module = self._rule("conv_general_dilated")

@@ -11,7 +11,9 @@ switches below; same weights, same batch):
   fused_bn:    + BN(train) + GELU fused by a hand-written VJP (one-pass variance);
   two_pass:    + the two-pass variance;
   erf_gelu:    + GELU (forward and the fused backward's slope) in torch's erf form instead
-               of jax.nn.gelu's erfc form (the default now).
+               of jax.nn.gelu's erfc form;
+  conv_grad:   + the 3x3 convs' weight gradient as one matmul per kernel tap
+               (`qgnn_jax.conv`, the default now).
 Every round times one step of each variant in turn (so a burst of load hits them alike);
 medians over the rounds after one warm-up step. Reports ms/step and the ratio to `before`,
 plus the 1-minute load average before and after.
@@ -28,18 +30,22 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 
+_OLD = dict(erf_gelu=False, conv_grad=False)
 VARIANTS = {
-    "before": dict(gather_max=False, fused=False, fast_variance=True, erf_gelu=False),
-    "gather_max": dict(gather_max=True, fused=False, fast_variance=True, erf_gelu=False),
-    "fused_bn": dict(gather_max=True, fused=True, fast_variance=True, erf_gelu=False),
-    "two_pass": dict(gather_max=True, fused=True, fast_variance=False, erf_gelu=False),
-    "erf_gelu": dict(gather_max=True, fused=True, fast_variance=False),
+    "before": dict(gather_max=False, fused=False, fast_variance=True, **_OLD),
+    "gather_max": dict(gather_max=True, fused=False, fast_variance=True, **_OLD),
+    "fused_bn": dict(gather_max=True, fused=True, fast_variance=True, **_OLD),
+    "two_pass": dict(gather_max=True, fused=True, fast_variance=False, **_OLD),
+    "erf_gelu": dict(gather_max=True, fused=True, fast_variance=False, conv_grad=False),
+    "conv_grad": dict(gather_max=True, fused=True, fast_variance=False),
 }
 
 
 @contextlib.contextmanager
-def switches(gather_max: bool, fused: bool, fast_variance: bool, erf_gelu: bool = True):
-  """Traces the model with the old or new max backward, BatchNorm and GELU (module globals)."""
+def switches(gather_max: bool, fused: bool, fast_variance: bool, erf_gelu: bool = True,
+             conv_grad: bool = True):
+  """Traces the model with the old or new max backward, BatchNorm, GELU and conv weight
+  gradient (module globals, read while the step is traced)."""
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -48,6 +54,10 @@ def switches(gather_max: bool, fused: bool, fast_variance: bool, erf_gelu: bool 
   from qgnn_jax.models.batchnorm import BatchNorm
   orig_gm, orig_bn = graph.gather_max, blocks.batch_norm
   orig_gelu, orig_slope = batchnorm.gelu, batchnorm.gelu_slope
+  orig_conv = blocks._conv_op  # pylint: disable=protected-access
+  if not conv_grad:
+    from qgnn_jax import conv
+    blocks._conv_op = lambda *a, **k: conv.conv_general_dilated(*a, weight_grad="xla", **k)  # pylint: disable=protected-access
   if not erf_gelu:  # the erfc form of jax.nn.gelu, forward and slope (the code before)
     batchnorm.gelu = lambda x: jax.nn.gelu(x, approximate=False)
     batchnorm.gelu_slope = lambda z: (0.5 * lax.erfc(-z * batchnorm._SQRT_HALF)  # pylint: disable=protected-access
@@ -64,6 +74,7 @@ def switches(gather_max: bool, fused: bool, fast_variance: bool, erf_gelu: bool 
   finally:
     graph.gather_max, blocks.batch_norm = orig_gm, orig_bn
     batchnorm.gelu, batchnorm.gelu_slope = orig_gelu, orig_slope
+    blocks._conv_op = orig_conv  # pylint: disable=protected-access
 
 
 def main():
