@@ -13,11 +13,13 @@ CATEGORIES = [  # (name, regex on the op_name path), first match wins
     ("fake quant + ranges", r"/quant/|pauta|minmax|lsq|fake_quant"),
     ("k-NN graph (norm, distances, top_k)", r"top_k|bnc,bmc->bnm|l2_normalize|knn"),
     ("max-relative aggregation (gather, max, its grad)",
-     r"grapher\d+/(gather|reduce_max|convert_element_type|reduce_sum|scatter-add|vmap\(\)/gather|select_n|eq)$"),
+     r"grapher\d+/(gather|reduce|argmax|reduce_max|convert_element_type|reduce_sum|scatter-add|"
+     r"vmap\(\)/gather|select_n|eq)$"),
     ("grouped conv layout (stack, reshape, transpose)", r"gconv/reshape|/stack|\.\.\.gi,gio->\.\.\.go/transpose"),
-    ("matmul / conv", r"dot_general|conv_general_dilated"),
-    ("BatchNorm", r"_bn/|/bn/"),
-    ("GELU (erfc)", r"erfc|erf|exp"),
+    ("matmul / conv (+ the conv weight gradient's tap slices)",
+     r"dot_general|conv_general_dilated|conv\d*/(slice|pad)$"),
+    ("BatchNorm (+ its fused GELU)", r"_bn/|/bn\d*/"),
+    ("GELU (outside the fused BN+GELU)", r"erfc|erf|exp"),
     ("optimizer (AdamW)", r"^(?!.*ViG).*(adam|optax|multi_transform|apply_updates|update)"),
 ]
 
