@@ -3,7 +3,9 @@
     python -m experiments.run            # same as --config experiments/configs/quickstart.py
 
 Two phases in workdir/fp and workdir/qat (QAT initialised from the FP checkpoint).
-Expected on a 2-core CPU: a few minutes in all; see README for the measured numbers.
+Expected on a 2-core CPU (measured 2026-12-03, quiet machine): 136 s wall with an empty
+compilation cache, 92 s with it filled; test top-1 98.33 % FP, 97.21 % W4A4 on the 359
+held-out images (README, "Set-up").
 """
 from experiments.configs.common import base_config
 
