@@ -131,21 +131,9 @@ def markdown(rows: List[Dict]) -> str:
   return "\n".join(out)
 
 
-def load_run_config(workdir: str):
-  """config.json over base_config(), fields it predates at their legacy values."""
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from experiments.configs.common import base_config  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import run_config  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = run_config.with_legacy_values(json.load(f))
-  config = base_config()
-  config.update(ml_collections.ConfigDict(saved))
-  return config
-
-
 def main(argv):
   del argv
+  from qgnn_jax.experiment import load_run_config  # pylint: disable=g-import-not-at-top
   rows = []
   bits_list = [int(b) for b in FLAGS.bits.split(",")]
   if FLAGS.synthetic:
