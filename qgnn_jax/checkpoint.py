@@ -36,11 +36,21 @@ raises :class:`NonFiniteStateError` naming the latest saved step, which is there
 
 Saves are asynchronous (:func:`save` returns while orbax writes; :func:`wait` joins it); a
 step folder appears under its final name only when complete.
+
+Checksums: once orbax has finalised a step (the next :func:`save` or :func:`wait` joins it),
+process 0 writes ``<step>/checksums.json``, the size and SHA-256 of every file of the step,
+atomically. :func:`restore` verifies them before reading: a flipped bit or a changed byte
+count makes the step "corrupt" and it falls back like a truncated one. A step without the
+file (saved by older code, or killed between orbax's finalisation and the checksums) is read
+unverified.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -52,6 +62,7 @@ from absl import logging
 ITEM = "state"
 DATA = "data"  # the input iterator's state (JSON), written once (by process 0)
 META = "meta"  # the run's bookkeeping at that step (JSON: train seconds, start time, ...)
+CHECKSUMS = "checksums.json"  # in each step folder: {relative path: [bytes, sha256 hex]}
 Path = Tuple[str, ...]
 _ERROR_CHARS = 300  # how much of a library's own error message is quoted
 
@@ -73,9 +84,19 @@ class NonFiniteStateError(FloatingPointError):
 
 
 def short_error(e: BaseException) -> str:
-  """`Type: first line of the message`, at most _ERROR_CHARS characters (no dumps)."""
+  """`Type: first line of the message`, at most _ERROR_CHARS characters (no dumps).
+
+  TensorStore's messages chain every layer ("Error opening ...: Error reading ... of local
+  file "F": reason [tensorstore_spec='{...}']"); they read as "CODE: F: reason" instead (the
+  innermost file and why), without the JSON spec or source locations.
+  """
   lines = str(e).strip().splitlines()
   first = lines[0] if lines else ""
+  first = re.sub(r"\s*\[(tensorstore_spec|source locations)=.*$", "", first).strip()
+  files = re.findall(r'local file "([^"]+)"', first)
+  if files:
+    code, reason = re.match(r"([A-Z_]+): ", first), first.rsplit('": ', 1)[-1]
+    first = f"{code.group(1) + ': ' if code else ''}{files[-1]}: {reason}"
   if len(first) > _ERROR_CHARS:
     first = first[:_ERROR_CHARS] + " ..."
   return f"{type(e).__name__}: {first}"
@@ -169,7 +190,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
   step = int(step)
   if step < 0:
     raise ValueError(f"step={step} must be >= 0")
-  manager.wait_until_finished()
+  wait(manager)
   if step in manager.all_steps():
     return False
   items = {ITEM: ocp.args.StandardSave(_sanitize(state))}
@@ -179,13 +200,80 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
     items[META] = ocp.args.JsonSave(dict(meta))
   saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
   if wait_for_it:
-    manager.wait_until_finished()
+    wait(manager)
   return bool(saved)
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-  """Blocks until the manager's pending asynchronous save is on disk."""
+  """Blocks until the manager's pending asynchronous save is on disk, then writes the
+  checksums of every finalised step that has none (process 0)."""
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    for step in manager.all_steps():
+      step_dir = os.path.join(str(manager.directory), str(int(step)))
+      if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+        write_checksums(step_dir)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _file_digests(step_dir: str) -> Dict[str, List[Any]]:
+  """{path relative to step_dir: [bytes, sha256 hex]} of every file but the checksums."""
+  out: Dict[str, List[Any]] = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel == CHECKSUMS or rel.startswith(CHECKSUMS + "."):
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+      out[rel] = [os.path.getsize(path), digest.hexdigest()]
+  return dict(sorted(out.items()))
+
+
+def write_checksums(step_dir: str) -> None:
+  """Writes step_dir/checksums.json (size and SHA-256 of each file) whole or not at all."""
+  tmp = os.path.join(step_dir, f"{CHECKSUMS}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(_file_digests(step_dir), f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> Optional[bool]:
+  """Checks the files of a step against its checksums.json.
+
+  Returns True when they match, None when the step has no checksums (saved by older code,
+  or killed before they were written: read unverified).
+  Raises:
+    CorruptCheckpointError: naming the first file that is missing, has another size or
+      another SHA-256 than at save, or the checksums file itself when unreadable.
+  """
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      want = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CorruptCheckpointError(f"{path} is unreadable ({short_error(e)})") from e
+  have = _file_digests(step_dir)
+  for rel, (size, sha) in want.items():
+    if rel not in have:
+      raise CorruptCheckpointError(f"{step_dir}: {rel} is missing (it was written at save)")
+    got_size, got_sha = have[rel]
+    if got_size != size:
+      raise CorruptCheckpointError(f"{step_dir}: {rel} has {got_size} bytes, {size} at save "
+                                   f"(truncated or overwritten)")
+    if got_sha != sha:
+      raise CorruptCheckpointError(f"{step_dir}: {rel} fails its SHA-256 checksum (its "
+                                   f"bytes changed after the save)")
+  return True
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -268,6 +356,10 @@ def check_compatible(saved: Dict[Path, Any], target: Any, where: str) -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores one step, against ``target`` (validated first) or raw when None."""
   where = _describe(manager, step)
+  try:
+    verify_checksums(os.path.join(str(manager.directory), str(int(step))))
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(f"{where} is corrupt: {e}") from e
   if target is not None:
     check_compatible(_metadata(manager, step), target, where)
   try:
