@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Bookkeeping
   c.init_from = ""           # another run's workdir / checkpoint dir (QAT from FP)
+  # Where the weights a run starts from came from, when not from a run of this project:
+  # experiments.convert_official writes 'official <file> sha256:<hex> ...'.
+  c.source = ""
   c.log_every = 50
   c.eval_every_epochs = 1.0  # 0 -> only at the end
   c.checkpoint_every = 500

@@ -18,6 +18,13 @@ from qgnn_jax import conv, graph
 from qgnn_jax.models.batchnorm import BatchNorm, gelu  # pylint: disable=unused-import
 
 
+# A variable collection that replaces the k-NN search: `model.apply({..., NEIGHBORS:
+# {"grapher3": {"indices": idx}}}, x)` makes block 3 aggregate over `idx` (B, N, k) int32
+# (indices into its M candidate nodes, row-major over the grid) instead of its own k-NN
+# lists. Used to compare with another implementation's graphs (qgnn_jax.official).
+NEIGHBORS = "neighbors"
+
+
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, name: Optional[str] = None,
                act: Optional[str] = None) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 == 0.9 here, eps 1e-5), then `act`.
@@ -138,8 +145,11 @@ class Grapher(nn.Module):
     if self.r > 1:
       keys = nn.avg_pool(x, (self.r, self.r), (self.r, self.r)).reshape(b, -1, c)
     nodes = x.reshape(b, h * w, c)
-    rel = None if self.relative_pos is None else jnp.asarray(self.relative_pos)
-    neighbors = graph.knn_graph(nodes, self.k, self.dilation, keys=keys, relative_pos=rel)
+    if self.has_variable(NEIGHBORS, "indices"):  # given, not searched (see NEIGHBORS)
+      neighbors = self.get_variable(NEIGHBORS, "indices")
+    else:
+      rel = None if self.relative_pos is None else jnp.asarray(self.relative_pos)
+      neighbors = graph.knn_graph(nodes, self.k, self.dilation, keys=keys, relative_pos=rel)
     agg = graph.max_relative(nodes, neighbors, keys, impl=self.graph_impl)
     x = jnp.stack([nodes, agg.astype(nodes.dtype)], axis=-1).reshape(b, h, w, 2 * c)
     x = GroupedDense(2 * c, self.groups, self.dtype, name="gconv")(x)
