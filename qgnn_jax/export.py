@@ -81,11 +81,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
 from flax import serialization, traverse_util
-from qwix._src.utils import flax_util as qwix_flax_util
 
 from qgnn_jax import qat, quant
+from qgnn_jax.qat import context as qat_context
 from qgnn_jax.qat import model as qat_model
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
@@ -135,7 +134,7 @@ class _Recorder(qat_model._Provider):  # pylint: disable=protected-access
     del layout
     idx = qat_model._next_site_index(module)  # pylint: disable=protected-access
     path = "/".join(map(str, module.path))
-    name = qwix_flax_util.find_param(w)
+    name = qat_context.find_param(module, w)
     self.sites.append(SiteInfo(
         f"{path}/{site_name(idx)}", path, op_name, str(name), rule, tuple(w.shape),
         tuple(a % w.ndim for a in w_axes), int(math.prod(x.shape[a] for a in x_axes))))
@@ -146,7 +145,7 @@ def trace_sites(model: nn.Module, rules: Sequence[QuantRule], input_shape: Seque
                 variables: Any = None) -> List[SiteInfo]:
   """The sites of `model` under `rules`, in call order (abstract trace: nothing runs)."""
   recorder = _Recorder(tuple(rules))
-  wrapped = qwix.quantize_model(model, recorder)
+  wrapped = qat_model.intercepted(model, recorder)
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   if variables is None:
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
@@ -507,7 +506,7 @@ class Exported:
     """The model to apply: quantized sites from the export (`integer`: on codes)."""
     if not self.rules:
       return self.model
-    return qwix.quantize_model(self.model, _IntProvider(self.rules, self.plans, integer))
+    return qat_model.intercepted(self.model, _IntProvider(self.rules, self.plans, integer))
 
   def apply_fn(self, integer: bool = True):
     """A jitted (variables, images) -> logits."""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from qwix._src.utils import flax_util as qwix_flax_util
+from qgnn_jax.qat import context as qat_context
 
 from qgnn_jax import distill, qat, quant, recipe
 from qgnn_jax import train as train_lib
@@ -124,15 +124,17 @@ def test_equivalent_to_the_legacy_model(quantizer, record_property):
 
 @pytest.mark.parametrize("quantizer", ["pq", "lsq"])
 def test_same_stochastic_bypass_pattern_for_the_same_key(quantizer):
-  legacy, new, variables, images, _ = _pair(quantizer)
+  # (The legacy model drew each site's bypass on its own, with no site guaranteed to
+  # differ; issue 21 changed the draw, so only determinism is compared here.)
+  _, new, variables, images, _ = _pair(quantizer)
   outs = []
   for key in range(4):
     rngs = {"quant": jax.random.key(key)}
     z_new = new.apply(variables, images, train=False, mode="stochastic", bypass_prob=0.5,
                       rngs=rngs)
-    z_old = legacy.apply(variables, images, train=False, mode="stochastic", bypass_prob=0.5,
-                         rngs=rngs)
-    assert _rel_err(z_new, z_old) <= 1e-6
+    z_again = new.apply(variables, images, train=False, mode="stochastic", bypass_prob=0.5,
+                        rngs=rngs)
+    assert _rel_err(z_new, z_again) == 0
     outs.append(np.asarray(z_new))
   # The keys draw different patterns (the test would pass vacuously otherwise).
   assert any(_rel_err(outs[0], o) > 1e-4 for o in outs[1:])
@@ -354,7 +356,7 @@ def test_qwix_find_param_identifies_weights_as_we_use_it():
     def __call__(self, x):
       k = self.param("kernel", nn.initializers.ones, (3, 4))
       x2, k2 = nn.dtypes.promote_dtype(x, k, dtype=jnp.float32)
-      seen.append((qwix_flax_util.find_param(k2), qwix_flax_util.find_param(x2)))
+      seen.append((qat_context.find_param(self, k2), qat_context.find_param(self, x2)))
       return x2 @ k2
 
   m = Probe()

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import qwix
 from absl import logging
-# Private helpers of qwix (pinned in requirements.txt, tested in tests/test_qat.py): which
-# operand is a param of the calling module, and a per-scope op counter (as qwix's op ids).
-from qwix._src import aux_data
-from qwix._src.utils import flax_util as qwix_flax_util
+from flax import nnx
 
 from qgnn_jax import conv as qgnn_conv
+from qgnn_jax.qat import context
+from qgnn_jax.qat import nnx_bridge
 from qgnn_jax.qat import rules as rules_lib
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
@@ -45,11 +44,12 @@ RESERVED_KWARGS = ("mode", "bypass_prob", "calibrate", "axis_name")
 
 
 def _current_module() -> nn.Module:
-  return qwix_flax_util.get_current_module()
+  """The linen module (or `context.Site` of an NNX module) running the intercepted op."""
+  return context.current_module()
 
 
 def _module_path(module: nn.Module) -> str:
-  return "/".join(map(str, module.path))
+  return context.module_path(module)
 
 
 def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
@@ -59,7 +59,7 @@ def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
   functions): its quantizer state would be created in the wrong trace and the jit cache
   would replay the first call's program for the module's later ops.
   """
-  name = qwix_flax_util.find_param(x)
+  name = context.find_param(module, x)
   if name is None:
     return False
   value = module.scope.get_variable("params", name)
@@ -75,9 +75,7 @@ def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
 
 def _next_site_index(module: nn.Module) -> int:
   """0, 1, 2, ... for the ops a module's scope runs during one apply."""
-  n = aux_data.get(module.scope, "qgnn_site_count", 0)
-  aux_data.set(module.scope, "qgnn_site_count", n + 1)
-  return n
+  return context.next_site_index(module)
 
 
 class OpLayout(NamedTuple):
@@ -98,9 +96,18 @@ class _Provider(qwix.QuantizationProvider):
   """Intercepts the linear ops of a linen model and quantizes them by rules."""
 
   def __init__(self, rules: Sequence[QuantRule]):
+    # qwix's own rules (QuantizationRule) have no fields for our quantizers: it is given
+    # none, and ours are matched here (docs/METHOD.md, "Quantization as a model transform").
     super().__init__([])
     self.rules = tuple(rules)
     self._warned = set()
+    self.seen: Dict[Tuple[str, str], Optional[int]] = {}  # (path, op) -> rule index
+
+  def _record(self, path: str, op_name: str) -> None:
+    """Which rule (index, or None) the op at `path` takes (read by `check_rules_used`)."""
+    if (path, op_name) not in self.seen:
+      rule = rules_lib.match(self.rules, path, op_name)
+      self.seen[(path, op_name)] = None if rule is None else self.rules.index(rule)
 
   def get_intercept_map(self):
     return {**super().get_intercept_map(),
@@ -112,6 +119,9 @@ class _Provider(qwix.QuantizationProvider):
 
   def _rule(self, op_name: str) -> Tuple[Optional[QuantRule], Optional[nn.Module]]:
     module = _current_module()
+    if module is None:
+      return None, None
+    self._record(_module_path(module), op_name)
     rule = rules_lib.match(self.rules, _module_path(module), op_name)
     if rule is None or not rule.enabled:
       return None, module
@@ -259,9 +269,16 @@ class QuantizedModel:
   larger model (then set the call settings with `qgnn_jax.qat.call_settings`).
   """
 
-  def __init__(self, model: nn.Module, rules: Sequence[QuantRule]):
-    if not isinstance(model, nn.Module):
-      raise TypeError(f"quantize_model needs a flax.linen Module, got {type(model).__name__}")
+  def __init__(self, model: Any, rules: Sequence[QuantRule]):
+    if isinstance(model, QuantizedModel):
+      raise TypeError(f"quantize_model: {model!r} is already quantized; pass its .original")
+    if isinstance(model, nnx.bridge.ToLinen):
+      raise TypeError("quantize_model: an nnx.bridge.ToLinen wrapper hides its NNX modules' "
+                      "ops from the rules; pass the NNX model itself "
+                      "(qat.quantize_model(nnx_model, rules)), which is run as a linen module")
+    if not isinstance(model, (nn.Module, nnx.Module)):
+      raise TypeError(f"quantize_model needs a flax.linen Module or an nnx.Module, got "
+                      f"{type(model).__name__}")
     rules = tuple(rules)
     for r in rules:
       if not isinstance(r, QuantRule):
@@ -273,16 +290,36 @@ class QuantizedModel:
                        f"models reserve for the call settings {RESERVED_KWARGS}")
     self.original = model
     self.rules = rules
-    self.module = qwix.quantize_model(model, _Provider(rules)) if rules else model
+    # NNX models run as linen modules (`nnx_bridge`); `linen` is the model as one.
+    self.linen = nnx_bridge.as_linen(model) if isinstance(model, nnx.Module) else model
+    self.takes_train = isinstance(model, nnx.Module) or "train" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    self.provider = _Provider(rules) if rules else None
+    self.module = intercepted(self.linen, self.provider) if rules else self.linen
 
   @property
   def quantized(self) -> bool:
     return any(r.enabled for r in self.rules)
 
   def init(self, rngs, *args, **kwargs) -> Dict[str, Any]:
-    """Variables of the model and of every site (mode "quant" traces them all)."""
+    """Variables of the model and of every site (mode "quant" traces them all).
+
+    Raises ValueError when a rule matches no op (`check_rules_used`). An NNX model's
+    params and batch statistics are its current values (`qat.nnx_bridge`).
+    """
+    if self.provider is not None:
+      self.provider.seen = {}
     with site_lib.call_settings(CallSettings(mode="quant")):
-      return self.module.init(rngs, *args, **kwargs)
+      variables = self.module.init(rngs, *args, **self._kwargs(kwargs))
+    if self.provider is not None:
+      check_rules_used(self.rules, self.provider.seen)
+    return variables
+
+  def _kwargs(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's keywords: `train` only for models that take it (docs/METHOD.md)."""
+    if "train" in kwargs and not self.takes_train:
+      kwargs = {k: v for k, v in kwargs.items() if k != "train"}
+    return kwargs
 
   def apply(self, variables, *args, mode: str = "quant", bypass_prob: float = 0.0,
             calibrate: bool = False, axis_name: Optional[str] = None, **kwargs):
@@ -292,22 +329,50 @@ class QuantizedModel:
     # jax arrays and tracers).
     variables = jax.tree.map(jnp.asarray, variables)
     with site_lib.call_settings(settings):
-      return self.module.apply(variables, *args, **kwargs)
+      return self.module.apply(variables, *args, **self._kwargs(kwargs))
 
   def __hash__(self):
-    return hash((self.original, self.rules))
+    return hash((self.linen, self.rules))
 
   def __eq__(self, other):
-    return isinstance(other, QuantizedModel) and self.original == other.original and \
+    return isinstance(other, QuantizedModel) and self.linen == other.linen and \
         self.rules == other.rules
 
   def __repr__(self):
     return f"QuantizedModel({type(self.original).__name__}, {len(self.rules)} rules)"
 
 
-def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
-  """`model` (unmodified linen module) with fake quantization at the ops `rules` match."""
+def quantize_model(model: Any, rules: Sequence[QuantRule]) -> QuantizedModel:
+  """`model` (an unmodified linen module, or an nnx.Module) with fake quantization at the
+  ops `rules` match."""
   return QuantizedModel(model, rules)
+
+
+def intercepted(model: nn.Module, provider: qwix.QuantizationProvider) -> nn.Module:
+  """Linen `model` with `provider`'s handlers replacing the ops while it runs (qwix's
+  public `quantize_model`, on a copy that tracks the running module: `context.tracked`)."""
+  return qwix.quantize_model(context.tracked(model), provider)
+
+
+def check_rules_used(rules: Sequence[QuantRule],
+                     seen: Dict[Tuple[str, str], Optional[int]]) -> None:
+  """Raises ValueError naming each rule whose pattern matches no op of the model, with
+  the model's intercepted ops (a rule shadowed by an earlier one is allowed: e.g. a
+  full-precision exception before a catch-all).
+
+  seen: (module path, op name) -> index of the rule it took (None: no rule), as a
+  `_Provider` records them while a model is traced.
+  """
+  unused = [(i, r) for i, r in enumerate(rules)
+            if not any(r.matches(p, op) for p, op in seen)]
+  if unused:
+    ops = sorted(f"{p or '<top>'} ({op})" for p, op in seen)
+    names = "; ".join(f"rules[{i}] = QuantRule(module_path={r.module_path!r}"
+                      f"{f', op_names={r.op_names!r}' if r.op_names else ''})"
+                      for i, r in unused)
+    raise ValueError(
+        f"qat: {names} matches no op of the model; module_path is matched with re.fullmatch against these op paths: "
+        f"{ops if ops else 'none (the model runs no dot_general / conv / einsum)'}")
 
 
 def is_quantizer_param(path: Sequence[Any]) -> bool:
