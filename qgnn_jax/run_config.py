@@ -151,12 +151,21 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "num_epochs": _real(0), "num_steps": _int(0), "batch_size": _int(1),
     "eval_batch_size": _int(1), "seed": _int(0),
     # bookkeeping
-    "init_from": _str, "source": _str, "log_every": _int(1), "eval_every_epochs": _real(0),
+    "init_from": _str, "log_every": _int(1), "eval_every_epochs": _real(0),
     "checkpoint_every": _int(1), "keep_checkpoints": _int(1), "stop_at_step": _int(0),
     "restore_step": _int(0), "progress": _bool,
     # two-phase pipelines
     "pretrain_fp_epochs": _real(0),
 }
+
+
+def unknown_field_error(field: str) -> ConfigError:
+  """The error for a field no run config has (a config file's or a --config.<field> flag's),
+  with the closest valid field."""
+  close = difflib.get_close_matches(field.split(".")[0], FIELD_CHECKS, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  return ConfigError(f"config.{field}: unknown field{hint}; valid fields: "
+                     f"{', '.join(sorted(FIELD_CHECKS))}")
 
 
 def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
@@ -173,10 +182,7 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
   fields = dict(config.items()) if hasattr(config, "items") else dict(config)
   unknown = sorted(set(fields) - set(FIELD_CHECKS))
   if unknown:
-    close = difflib.get_close_matches(unknown[0], FIELD_CHECKS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"config.{unknown[0]}: unknown field{hint}; valid fields: "
-                      f"{', '.join(sorted(FIELD_CHECKS))}")
+    raise unknown_field_error(unknown[0])
   missing = sorted(set(FIELD_CHECKS) - set(fields))
   if missing:
     raise ConfigError(f"config.{missing[0]}: missing (every config starts from "
@@ -220,8 +226,7 @@ def config_sha256(config: Any) -> str:
 _ABSENT = "(absent)"
 # Fields added after runs were made: a saved config without one was run with this value
 # (what the code did before the field existed), so its absence is no difference.
-LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False,
-                                     "source": ""}
+LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:
