@@ -151,7 +151,7 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "num_epochs": _real(0), "num_steps": _int(0), "batch_size": _int(1),
     "eval_batch_size": _int(1), "seed": _int(0),
     # bookkeeping
-    "init_from": _str, "log_every": _int(1), "eval_every_epochs": _real(0),
+    "init_from": _str, "source": _str, "log_every": _int(1), "eval_every_epochs": _real(0),
     "checkpoint_every": _int(1), "keep_checkpoints": _int(1), "stop_at_step": _int(0),
     "restore_step": _int(0), "progress": _bool,
     # two-phase pipelines
@@ -226,7 +226,8 @@ def config_sha256(config: Any) -> str:
 _ABSENT = "(absent)"
 # Fields added after runs were made: a saved config without one was run with this value
 # (what the code did before the field existed), so its absence is no difference.
-LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False}
+LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False,
+                                     "source": ""}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:
