@@ -12,20 +12,21 @@ with the same workdir (shared file system) plus, when launched by hand,
 
 Restarting with a workdir that holds a run resumes it; a config that changes the run is
 refused (exit status 1, the differing fields listed) unless --allow_config_change. A bad
-config field exits with status 2 and one line naming it, before anything is written.
-Library INFO logs (absl, orbax) are hidden unless --verbose.
+flag, config file or config field exits with status 2 and one line naming it, before
+anything is written; a workdir another run holds (README, "Runs"), missing or bad data, a
+corrupt or diverged run and a failed write exit with 1, Ctrl-C with 130 (saying which step
+the same command resumes from). --verbose shows the tracebacks and the library INFO logs
+(absl, orbax).
 """
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.cli import EXIT_CONFIG, EXIT_ERROR, fail, set_console, setup_compilation_cache
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "quickstart.py"), "Config file (get_config()).",
-    lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process: HOST:PORT of process 0's coordinator (all processes pass "
@@ -61,7 +62,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   from qgnn_jax import checkpoint as ckpt  # heavy imports after flag parsing
-  from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
+  from qgnn_jax import experiment, run_config, workdir_lock  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -70,16 +71,20 @@ def main(argv):
     experiment.run_pipeline(config, workdir, allow_config_change=fl.allow_config_change)
   except run_config.ConfigError as e:
     fail(str(e), EXIT_CONFIG)
+  except experiment.Interrupted as e:
+    fail(str(e), cli.EXIT_INTERRUPTED)
   except (run_config.ConfigMismatchError, ckpt.CheckpointError, ckpt.NonFiniteStateError,
-          experiment.DataError) as e:
-    distributed.exit_on_error(e)  # multi-process: one clear message, exit 1, no hang
+          experiment.DataError, workdir_lock.WorkdirLockedError, OSError) as e:
+    distributed.exit_on_error(e, verbose=fl.verbose)  # multi-process: one message, exit 1
     if fl.verbose:
       raise
-    fail(str(e), EXIT_ERROR)
+    fail(cli.error_line(e), EXIT_ERROR)
   except Exception as e:  # pylint: disable=broad-except
-    distributed.exit_on_error(e)
+    distributed.exit_on_error(e, verbose=fl.verbose)
     raise
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.define_config_flag("config", os.path.join(_HERE, "configs", "quickstart.py"),
+                         "Config file (get_config()).")
+  app.run(main, flags_parser=cli.parse_flags)

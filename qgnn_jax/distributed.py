@@ -174,8 +174,9 @@ def allgather(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def exit_on_error(exc: BaseException, stream=None) -> None:
-  """In a multi-process run: reports ``exc`` on one line per fact and exits with status 1.
+def exit_on_error(exc: BaseException, stream=None, verbose: bool = False) -> None:
+  """In a multi-process run: reports ``exc`` on one line per fact and exits with status 1
+  (the traceback first when ``verbose``).
 
   Skips the distributed shutdown (``os._exit``), whose barrier waits for processes
   that may be dead and would end in an abort after ``heartbeat_timeout_s``. Returns
@@ -188,8 +189,11 @@ def exit_on_error(exc: BaseException, stream=None) -> None:
   msg = f"{type(exc).__name__}: {exc}"
   peer = any(s in msg for s in ("Connection closed", "Connection reset", "Gloo", "heartbeat",
                                 "UNAVAILABLE", "coordination service"))
-  traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
-  print(f"\nqgnn_jax: process {jax.process_index()} of {jax.process_count()} stops: {msg}",
+  if not verbose:  # gloo's and the coordination service's messages run on for lines
+    msg = msg.strip().splitlines()[0]
+  if verbose:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
+  print(f"qgnn_jax: process {jax.process_index()} of {jax.process_count()} stops: {msg}",
         file=stream)
   if peer:
     print("qgnn_jax: a collective with the other processes failed: another process has most "

@@ -43,6 +43,7 @@ from qgnn_jax import results as results_lib
 from qgnn_jax import run_config
 from qgnn_jax import run_log
 from qgnn_jax import train as train_lib
+from qgnn_jax import workdir_lock
 from qgnn_jax.recipe import build_model, loss_config, model_size_bytes, parse_method
 
 RESULT_KEYS = results_lib.RESULT_KEYS  # the results.json keys (qgnn_jax.results)
@@ -54,6 +55,18 @@ KILL_AT_ENV = "QGNN_TEST_KILL_AT"
 
 class DataError(RuntimeError):
   """The run's dataset could not be loaded; the message names the file or what was tried."""
+
+
+class Interrupted(Exception):
+  """Ctrl-C (SIGINT) stopped the run; the message says where and which step the same
+  command resumes from. Not a KeyboardInterrupt: the command line exits with one line."""
+
+  def __init__(self, workdir: str, at_step: Optional[int], resume_step: Optional[int]):
+    where = f"at step {at_step}" if at_step is not None else "before training started"
+    resume = (f"resumes from step {resume_step}" if resume_step else "starts from step 0 "
+              "(no checkpoint was written yet)")
+    super().__init__(f"{workdir}: interrupted {where}; the same command {resume}")
+    self.at_step, self.resume_step = at_step, resume_step
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -153,15 +166,17 @@ def _notify(message: str) -> None:
 
 
 def _kill_point(name: str, step: int) -> None:
-  """Test hook: SIGKILLs this process at a named point when QGNN_TEST_KILL_AT=name:step.
+  """Test hook: signals this process at a named point when QGNN_TEST_KILL_AT=name:step
+  (SIGKILL) or name:step:INT (SIGINT, as Ctrl-C).
 
   Points: 'mid_step' (a train step dispatched, not finished), 'save' (an asynchronous
   checkpoint save in flight), 'eval' (an evaluation after its first batch).
   """
-  if os.environ.get(KILL_AT_ENV) == f"{name}:{step}":
+  at = os.environ.get(KILL_AT_ENV, "")
+  if at in (f"{name}:{step}", f"{name}:{step}:INT"):
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGINT if at.endswith(":INT") else signal.SIGKILL)
 
 
 def _with_kill_point(batches: Iterator, name: str, step: int) -> Iterator:
@@ -361,6 +376,7 @@ def train_loop(run: Run) -> None:
   seconds = lambda: run.progress.train_seconds + time.perf_counter() - t0
   bar = tqdm(total=total, initial=start, unit="step", desc=f"{config.method} {config.model}",
              disable=not (config.progress and run.main), dynamic_ncols=True, file=sys.stderr)
+  done = start
   try:
     for step in range(start, stop):
       run.rstate, metrics = train_step(run.rstate, next(run.batches))
@@ -386,6 +402,9 @@ def train_loop(run: Run) -> None:
       jax.block_until_ready(run.rstate)
       run.progress.train_seconds, run.progress.step = seconds(), stop
       _save(run, stop, run.progress.train_seconds)
+  except KeyboardInterrupt:
+    ckpt.wait(run.manager)  # a save in flight completes: the resume point is on disk
+    raise Interrupted(run.workdir, done, run.manager.latest_step()) from None
   finally:
     bar.close()
     ckpt.wait(run.manager)
@@ -451,8 +470,55 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False
     _notify(f"{workdir}: already finished ({done['method']}, top-1 {100 * done['top1']:.2f}% "
             f"on {done.get('eval_split', 'eval')}); nothing to do")
     return done
+  created = _first_missing_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  run = setup(config, workdir)
+  try:
+    with workdir_lock.hold(workdir, enabled=distributed.is_main_process(), notify=_notify):
+      # Checked again under the lock: a run that held it may have finished or changed it.
+      done = check_workdir(config, workdir, allow_config_change)
+      if done is not None:
+        return done
+      return _train_and_evaluate_locked(config, workdir)
+  except BaseException:
+    if created is not None and distributed.is_main_process():
+      _remove_empty_dirs(created)  # a run that failed before writing anything leaves nothing
+    raise
+
+
+def _latest_step(workdir: str) -> Optional[int]:
+  """The newest complete checkpoint step in workdir/checkpoints (None when there is none)."""
+  d = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps) if steps else None
+
+
+def _first_missing_dir(path: str) -> Optional[str]:
+  """The outermost directory of `path` that does not exist yet (None when `path` exists)."""
+  path, missing = os.path.abspath(path), None
+  while not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
+
+
+def _remove_empty_dirs(top: str) -> None:
+  """Removes `top` and the folders under it if none of them holds a file."""
+  if not os.path.isdir(top):
+    return
+  for root, dirs, files in os.walk(top):
+    if files:
+      return
+  for root, dirs, _ in os.walk(top, topdown=False):
+    os.rmdir(root)
+
+
+def _train_and_evaluate_locked(config, workdir: str) -> Dict[str, Any]:
+  try:
+    run = setup(config, workdir)
+  except KeyboardInterrupt:
+    raise Interrupted(workdir, None, _latest_step(workdir)) from None
   try:
     restore_or_init(run)
     run.writer = run_log.MetricsWriter(workdir, enabled=run.main, resume_step=run.progress.step)
@@ -461,6 +527,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False
     if run.progress.step < run.total_steps:  # stopped early on purpose (stop_at_step)
       return {}
     return finish(run)
+  except KeyboardInterrupt:  # outside the training loop (restore, final evaluation)
+    ckpt.wait(run.manager)
+    at = run.progress.step if run.progress is not None else None
+    raise Interrupted(workdir, at, run.manager.latest_step()) from None
   finally:
     if run.writer is not None:
       run.writer.close()

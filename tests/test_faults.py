@@ -1,14 +1,42 @@
 """Issue 24: faults and bad inputs, each answered by one line that names the fault and the
 fix (exit 2 for usage and config, 1 for data and I/O), nothing lost or half-written."""
 import glob
+import gzip
+import json
 import os
+import socket
+import struct
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.configs import quickstart
 from qgnn_jax import checkpoint as ckpt
+from qgnn_jax import experiment, workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**kw):
+  """test_experiment's tiny FP run: vig_digits, 4 steps."""
+  c = quickstart.get_config()
+  c.pretrain_fp_epochs, c.method, c.num_steps, c.batch_size = 0.0, "fp", 4, 32
+  c.eval_batch_size, c.log_every, c.checkpoint_every, c.progress = 400, 1, 2, False
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def _cli(module, *args, timeout=600, **kw):
+  """`python -m module args` from the repository root: (returncode, stdout, stderr lines)."""
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, **kw)
+  return out.returncode, out.stdout, [l for l in out.stderr.splitlines() if l.strip()]
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -93,3 +121,112 @@ def test_an_unverified_corrupt_step_gives_a_readable_reason(tmp_path, caplog):
   warning, = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert "tensorstore_spec" not in warning and "..." not in warning and "{" not in warning
   assert str(tmp_path / "ck" / "2" / "state" / "d") in warning and "size 7" in warning
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+_HOLDER = """
+import sys, time
+from qgnn_jax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(wd)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lock.WorkdirLockedError) as e:
+      experiment.train_and_evaluate(_config(), str(wd))
+    msg = str(e.value)
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in msg and "\n" not in msg
+    assert sorted(os.listdir(wd)) == [workdir_lock.LOCK_FILE]  # the second run wrote nothing
+    code, _, err = _cli("experiments.run", f"--workdir={wd}", "--config.pretrain_fp_epochs=0")
+    assert code == 1 and len(err) == 1 and f"pid {holder.pid}" in err[0], err
+  finally:
+    holder.kill()
+    holder.wait()
+  # kill -9 dropped its flock: the next run takes the lock over (the record names the dead
+  # run) and the workdir holds no lock after the run.
+  assert json.loads((wd / workdir_lock.LOCK_FILE).read_text())["pid"] == holder.pid
+  fd, previous = workdir_lock.acquire(str(wd))
+  assert previous["pid"] == holder.pid and not workdir_lock.pid_alive(holder.pid)
+  workdir_lock.release(fd, str(wd))
+  assert not (wd / workdir_lock.LOCK_FILE).exists()
+
+
+def test_failed_data_leaves_no_workdir(tmp_path):
+  d = tmp_path / "fm"
+  d.mkdir()
+  for split, n in (("train", 64), ("t10k", 16)):
+    (d / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+        struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + bytes(n * 28 * 28))[:-20])
+    (d / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
+        struct.pack(">BBBBI", 0, 0, 8, 1, n) + bytes(n)))
+  wd = tmp_path / "runs" / "fm"
+  with pytest.raises(experiment.DataError, match="truncated gzip"):
+    experiment.train_and_evaluate(_config(dataset="fashion_mnist", model="vig_tiny_28",
+                                          data_dir=str(d)), str(wd))
+  assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.bach_size=64"], "config.bach_size: unknown field (did you mean 'batch_size'?)"),
+    (["--config.foo=1"], "config.foo: unknown field; valid fields: "),
+    (["--config.batch_size=abc"], "--config.batch_size=abc: invalid literal for int()"),
+    (["--nosuchflag"], "Unknown command line flag 'nosuchflag'"),
+    (["--config=/nonexistent/cfg.py"], "config file /nonexistent/cfg.py not found"),
+    ("syntax", "line 2: syntax error"),
+    ("no_get_config", "defines no get_config()"),
+])
+def test_bad_flags_and_config_files_exit_2_in_one_line(tmp_path, args, expected):
+  if args == "syntax":
+    (tmp_path / "c.py").write_text("def get_config():\n  return dict(a=\n")
+    args = [f"--config={tmp_path / 'c.py'}"]
+  elif args == "no_get_config":
+    (tmp_path / "c.py").write_text("x = 1\n")
+    args = [f"--config={tmp_path / 'c.py'}"]
+  code, out, err = _cli("experiments.run", f"--workdir={tmp_path / 'wd'}", *args)
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert expected in err[0] and "Traceback" not in err[0], err
+  assert not (tmp_path / "wd").exists() and out == ""
+
+
+def test_ctrl_c_says_where_the_same_command_resumes(tmp_path):
+  args = ["--config.pretrain_fp_epochs=0", "--config.method=fp", "--config.num_steps=6",
+          "--config.batch_size=32", "--config.eval_batch_size=400",
+          "--config.checkpoint_every=2", "--config.progress=False", f"--workdir={tmp_path}"]
+  code, _, err = _cli("experiments.run", *args,
+                      env={**os.environ, experiment.KILL_AT_ENV: "mid_step:3:INT"})
+  assert code == 130 and err == [f"error: {tmp_path}: interrupted at step 3; the same command "
+                                 f"resumes from step 2"], err
+  assert ckpt.verify_checksums(str(tmp_path / "checkpoints" / "2"))
+  code, _, err = _cli("experiments.run", *args)
+  assert code == 0 and f"{tmp_path}: resumed from step 2 of 6" in err, err
+
+
+def test_a_process_that_stops_a_multi_process_run_says_why_in_two_lines(monkeypatch, capsys):
+  """One of 2 processes killed: the survivor's reason, without the traceback (--verbose)."""
+  from qgnn_jax import distributed
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+  try:
+    raise RuntimeError("Gloo AllReduce failed: Connection closed by peer [127.0.0.1]:1234\n"
+                       "  (details from gloo's transport, line after line)")
+  except RuntimeError as e:
+    with pytest.raises(SystemExit) as ex:
+      distributed.exit_on_error(e)
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert ex.value.code == 1 and len(lines) == 2 and "Traceback" not in "".join(lines), lines
+  assert lines[0].startswith("qgnn_jax: process 1 of 2 stops: RuntimeError: Gloo")
+  assert "another process has most likely died" in lines[1]
