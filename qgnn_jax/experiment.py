@@ -108,10 +108,10 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
   """Train / eval batch iterators for the config's dataset.
 
   Returns {"train": start_step -> iterator, "eval": () -> one-pass iterator,
-  "info", "steps_per_epoch", "eval_split"}. Small datasets are held in memory;
-  `DatasetInfo.streamed` ones (imagenette, imagenet2012) stream from tfds.
-  `config.batch_size` is the global batch: each of the P processes reads its
-  B/P examples of every batch (`data_lib.shard_bounds`), split over its
+  "info", "steps_per_epoch", "eval_split", "source" (what the images are read from)}.
+  Small datasets are held in memory; `DatasetInfo.streamed` ones (imagenette,
+  imagenet2012) stream from tfds. `config.batch_size` is the global batch: each of the P
+  processes reads its B/P examples of every batch (`data_lib.shard_bounds`), split over its
   `num_devices` devices, and gets them on its devices (prefetched).
   """
   info = data_lib.get_info(config.dataset)
@@ -132,7 +132,8 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
         "eval": lambda: data_lib.prefetch(data_lib.stream_eval_batches(
             config.dataset, config.eval_batch_size, num_devices, data_dir,
             shard_index=shard, shard_count=shards)),
-        "info": info, "steps_per_epoch": n // config.batch_size, "eval_split": info.eval_split}
+        "info": info, "steps_per_epoch": n // config.batch_size, "eval_split": info.eval_split,
+        "source": f"tfds in {data_lib.tfds_data_dir(data_dir)}"}
   splits = data_lib.load_splits(config.dataset, data_dir, val_holdout=int(config.val_holdout))
   (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
   eval_split = splits["eval_split"]
@@ -153,7 +154,7 @@ def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
                                             num_devices, shard_index=shard, shard_count=shards,
                                             device_put=True),
       "info": info, "steps_per_epoch": len(x_train) // config.batch_size,
-      "eval_split": eval_split}
+      "eval_split": eval_split, "source": data_lib.data_source(config.dataset, data_dir)}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -437,7 +438,7 @@ def finish(run: Run) -> Dict[str, Any]:
       "fp_top1": None if fp_top1 is None else float(fp_top1),
       "train_steps": int(total), "train_seconds": float(run.progress.train_seconds), **sizes,
       "eval_split": run.eval_split, "eval_loss": float(ev["loss"]),
-      **results_lib.provenance(run_config.config_sha256(config)),
+      **results_lib.provenance(run_config.config_sha256(config), run.data["source"]),
       "started_at": run.progress.started_at, "finished_at": results_lib.utc_now()}
   results_lib.check_results(results)
   if run.main:
@@ -627,7 +628,7 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
          "a_bits": int(config.a_bits) if run.method.quantized else None,
          "step": restored.step, "split": run.eval_split, "top1": float(ev["top1"]),
          "loss": float(ev["loss"]), "count": int(ev["count"]),
-         **results_lib.provenance(run_config.config_sha256(config)),
+         **results_lib.provenance(run_config.config_sha256(config), run.data["source"]),
          "evaluated_at": results_lib.utc_now()}
   if run.main:
     results_lib.write_json_atomic(os.path.join(workdir, results_lib.EVAL_FILE), out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import subprocess
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -25,9 +26,10 @@ SPEC_KEYS: Tuple[str, ...] = (
 EVAL_KEYS: Tuple[str, ...] = ("eval_split", "eval_loss")
 # Where and when: versions, devices, code and config identity, wall-clock start / end (UTC,
 # ISO 8601; started_at is the run's first start, kept across restarts).
+# data_source: what the images were read from (the IDX folder, tfds's data dir, sklearn).
 PROVENANCE_KEYS: Tuple[str, ...] = (
     "jax_version", "flax_version", "device_kind", "device_count", "process_count", "git_commit",
-    "config_sha256", "started_at", "finished_at")
+    "config_sha256", "data_source", "started_at", "finished_at")
 RESULT_KEYS: Tuple[str, ...] = SPEC_KEYS + EVAL_KEYS + PROVENANCE_KEYS
 # The ablation CSV: the run's name (its workdir's basename), then every result key.
 CSV_FIELDS: Tuple[str, ...] = ("run",) + RESULT_KEYS
@@ -59,14 +61,14 @@ def git_commit(path: Optional[str] = None) -> Optional[str]:
                                 else "")
 
 
-def provenance(config_sha256: str) -> Dict[str, Any]:
+def provenance(config_sha256: str, data_source: Optional[str] = None) -> Dict[str, Any]:
   """The PROVENANCE_KEYS known at the start of a run, except started_at / finished_at."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   return {"jax_version": jax.__version__, "flax_version": flax.__version__,
           "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
           "process_count": jax.process_count(), "git_commit": git_commit(),
-          "config_sha256": config_sha256}
+          "config_sha256": config_sha256, "data_source": data_source}
 
 
 def check_results(results: Dict[str, Any]) -> None:
@@ -77,11 +79,43 @@ def check_results(results: Dict[str, Any]) -> None:
                      f"{sorted(missing)}, extra {sorted(extra)}")
 
 
+NON_FINITE_KEY = "non_finite"
+
+
+def strict(obj: Any) -> Any:
+  """`obj` with every NaN / Infinity float replaced by None (JSON's null), and, when there was
+  one, a top-level "non_finite" list naming where ("eval_loss", "a/b/0"); Python's json
+  would write the bare tokens NaN / Infinity, which strict JSON readers reject."""
+  where = []
+
+  def walk(x, path):
+    if isinstance(x, float) and not math.isfinite(x):
+      where.append("/".join(path))
+      return None
+    if isinstance(x, dict):
+      return {k: walk(v, path + (str(k),)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [walk(v, path + (str(i),)) for i, v in enumerate(x)]
+    return x
+
+  out = walk(obj, ())
+  if where and isinstance(out, dict):
+    out[NON_FINITE_KEY] = where
+  return out
+
+
+def dumps(obj: Any, **kwargs) -> str:
+  """Strict JSON text of `obj` (:func:`strict`; never NaN / Infinity tokens)."""
+  return json.dumps(strict(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON to `path` whole or not at all (temp file + rename)."""
+  """Writes `obj` as indented strict JSON (:func:`strict`) to `path` whole or not at all
+  (temp file + rename)."""
   tmp = f"{path}.tmp"
+  text = dumps(obj, indent=2)
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)

@@ -16,6 +16,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from qgnn_jax import results as results_lib
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
@@ -59,7 +61,7 @@ def truncate_metrics(path: str, step: int) -> int:
   if len(keep) < len(lines):
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
+      f.writelines(results_lib.dumps(r) + "\n" for r in keep)
     os.replace(tmp, path)
   return len(lines) - len(keep)
 
@@ -87,7 +89,7 @@ class MetricsWriter:
     if self._f is None:
       return
     record = {k: _plain(v) for k, v in record.items()}
-    self._f.write(json.dumps(record) + "\n")
+    self._f.write(results_lib.dumps(record) + "\n")  # strict: NaN -> null + "non_finite"
     self._f.flush()
     for k, v in record.items():
       if k not in ("step", "epoch", "split", "final") and isinstance(v, (int, float)):
@@ -115,7 +117,8 @@ def plot_curves(metrics_path: str, out_path: str, title: str = "") -> bool:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, metric in zip(axes, ("loss", "top1")):
     for split in dict.fromkeys(r["split"] for r in records):
-      pts = [(r["step"], r[metric]) for r in records if r["split"] == split and metric in r]
+      pts = [(r["step"], r[metric]) for r in records
+             if r["split"] == split and r.get(metric) is not None]
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="" if split == "train" else "o", label=split)

@@ -110,6 +110,7 @@ def test_idx_truncated_gzip_names_the_file(tmp_path):
 def test_missing_dataset_error(tmp_path, monkeypatch):
   monkeypatch.delenv("QGNN_DATA_DIR", raising=False)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  (tmp_path / "empty").mkdir()  # an explicit data_dir must exist (tests/test_faults.py)
   with pytest.raises(data.DatasetNotFoundError) as e:
     data.load_arrays("mnist", "train", data_dir=str(tmp_path / "empty"))
   msg = str(e.value)

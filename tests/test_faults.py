@@ -212,6 +212,8 @@ def test_ctrl_c_says_where_the_same_command_resumes(tmp_path):
   assert ckpt.verify_checksums(str(tmp_path / "checkpoints" / "2"))
   code, _, err = _cli("experiments.run", *args)
   assert code == 0 and f"{tmp_path}: resumed from step 2 of 6" in err, err
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["train_steps"] == 6 and res["data_source"] == "scikit-learn digits"
 
 
 def test_a_process_that_stops_a_multi_process_run_says_why_in_two_lines(monkeypatch, capsys):
@@ -230,3 +232,89 @@ def test_a_process_that_stops_a_multi_process_run_says_why_in_two_lines(monkeypa
   assert ex.value.code == 1 and len(lines) == 2 and "Traceback" not in "".join(lines), lines
   assert lines[0].startswith("qgnn_jax: process 1 of 2 stops: RuntimeError: Gloo")
   assert "another process has most likely died" in lines[1]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _idx(code, arr):
+  """The bytes of an IDX file: 00 00 <type code> <ndim>, big-endian dims, big-endian data."""
+  dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[code]
+  return (struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+          + np.asarray(arr, dtype).tobytes())
+
+
+def _idx_dir(path, images, labels, image_code=0x0D, label_code=0x08):
+  path.mkdir(parents=True, exist_ok=True)
+  for split in ("train", "t10k"):
+    (path / f"{split}-images-idx3-ubyte").write_bytes(_idx(image_code, images))
+    (path / f"{split}-labels-idx1-ubyte").write_bytes(_idx(label_code, labels))
+  return path
+
+
+def test_float_idx_images_are_read_as_floats_and_non_finite_ones_refused(tmp_path):
+  from qgnn_jax import data
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (20, 28, 28)).astype(np.float32)
+  labels = np.arange(20) % 10
+  d = _idx_dir(tmp_path / "ok", images, labels)
+  x, y, _ = data.load_arrays("fashion_mnist", "train", str(d))
+  assert x.dtype == np.uint8 and x.shape == (20, 28, 28, 1) and np.array_equal(y, labels)
+  np.testing.assert_array_equal(x[..., 0], np.round(images.astype(np.float64) * 255))
+  assert data.data_source("fashion_mnist", str(d)) == f"IDX files in {d}"
+  images[0, :3, 0] = [np.nan, np.inf, np.nan]
+  d = _idx_dir(tmp_path / "nan", images, labels)
+  with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: 3 of 15,680 pixels are NaN or "
+                                       r"infinite"):
+    data.load_arrays("fashion_mnist", "train", str(d))
+  d = _idx_dir(tmp_path / "255", np.full((20, 28, 28), 200.0), labels, image_code=0x0E)
+  with pytest.raises(ValueError, match=r"15,680 of 15,680 pixels lie outside \[0, 1\]"):
+    data.load_arrays("fashion_mnist", "train", str(d))
+  d = _idx_dir(tmp_path / "i16", np.zeros((20, 28, 28)), labels, image_code=0x0B)
+  with pytest.raises(ValueError, match=r"IDX images of type int16 are not supported"):
+    data.load_arrays("fashion_mnist", "train", str(d))
+  d = _idx_dir(tmp_path / "flabels", np.zeros((20, 28, 28)), labels, image_code=0x08,
+               label_code=0x0D)
+  with pytest.raises(ValueError, match=r"IDX labels of type float32 are not supported"):
+    data.load_arrays("fashion_mnist", "train", str(d))
+
+
+def test_labels_past_the_classes_are_refused_at_load(tmp_path):
+  from qgnn_jax import data
+  labels = np.arange(20) % 12  # 10 classes: labels 10 and 11 (one each) do not exist
+  d = _idx_dir(tmp_path / "fm", np.zeros((20, 28, 28), np.uint8), labels, image_code=0x08)
+  with pytest.raises(ValueError, match=r"2 of 20 labels lie outside \[0, 10\) \(fashion_mnist has "
+                                       r"10 classes; labels seen: 0\.\.11\)"):
+    data.load_arrays("fashion_mnist", "train", str(d))
+
+
+def test_an_explicit_data_dir_that_does_not_exist_is_an_error(tmp_path):
+  from qgnn_jax import data
+  with pytest.raises(data.DatasetNotFoundError, match="data_dir='/nonexistent': no such directory"):
+    data.load_arrays("fashion_mnist", "train", "/nonexistent")
+  with pytest.raises(experiment.DataError, match="no such directory"):
+    experiment.train_and_evaluate(_config(dataset="fashion_mnist", model="vig_tiny_28",
+                                          data_dir="/nonexistent"), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+
+def test_json_files_are_strict_with_nan_as_null_and_a_flag(tmp_path):
+  from qgnn_jax import results, run_log
+  results.write_json_atomic(str(tmp_path / "r.json"), {"top1": 0.5, "eval_loss": float("nan"),
+                                                       "x": [1.0, float("inf")]})
+  text = (tmp_path / "r.json").read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}"))
+  assert got == {"top1": 0.5, "eval_loss": None, "x": [1.0, None],
+                 "non_finite": ["eval_loss", "x/1"]}
+  w = run_log.MetricsWriter(str(tmp_path))
+  w.write({"step": 1, "split": "test", "loss": float("nan"), "top1": 0.1})
+  w.write({"step": 1, "split": "train", "loss": 2.0, "top1": 0.1})
+  w.close()
+  line = (tmp_path / run_log.METRICS_FILE).read_text().splitlines()[0]
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
+      "step": 1, "split": "test", "loss": None, "top1": 0.1, "non_finite": ["loss"]}
+  assert run_log.plot_curves(str(tmp_path / run_log.METRICS_FILE), str(tmp_path / "c.png"))

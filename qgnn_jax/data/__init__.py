@@ -33,13 +33,13 @@ from qgnn_jax.data.registry import DATASETS, SPLITS, DatasetInfo, DatasetNotFoun
 from qgnn_jax.data.sampler import StepSampler
 from qgnn_jax.data.sharding import (check_batching, process_shard, put_local, shard_batch,
                                     shard_bounds, split_devices)
-from qgnn_jax.data.sources import holdout_indices, load_arrays, load_splits
+from qgnn_jax.data.sources import data_source, holdout_indices, load_arrays, load_splits
 from qgnn_jax.data.streamed import stream_eval_batches, stream_train_batches
 from qgnn_jax.data.tfds_source import num_examples, tfds_data_dir
 
 __all__ = [
     "DATASETS", "DEFAULT_IDX_DIRS", "SPLITS", "DatasetInfo", "DatasetNotFoundError", "StepSampler",
-    "augment_batch", "check_batching", "eval_batches", "eval_dataset", "example_keys",
+    "augment_batch", "check_batching", "data_source", "eval_batches", "eval_dataset", "example_keys",
     "get_info", "has_idx", "holdout_indices", "iterate", "iterator_state", "load_arrays",
     "load_idx", "load_splits", "normalize", "num_examples", "prefetch", "process_shard",
     "put_local", "read_idx", "restore_iterator", "shard_batch", "shard_bounds", "split_devices",

@@ -108,7 +108,41 @@ def load_idx(directory: str, split: str) -> Tuple[Array, Array]:
   if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
     raise ValueError(f"{directory}: IDX images {images.shape} and labels {labels.shape} do not "
                      f"form a (N, H, W) / (N,) pair")
-  return images.astype(np.uint8)[..., None], labels.astype(np.int32)
+  return as_pixels(images, paths["images"])[..., None], as_labels(labels, paths["labels"])
+
+
+def as_pixels(images: Array, path: str) -> Array:
+  """IDX images as the pipeline's uint8 pixels.
+
+  uint8 as they are. Floating-point images (IDX types 0x0D / 0x0E) are read as floats: every
+  pixel must be finite and in [0, 1] (the scale of the datasets' mean / std), and becomes
+  round(255 x) (8 bits, as the integer datasets). Any other type (int8 / int16 / int32) is
+  refused: its scale is unknown, and a cast would wrap or clip silently.
+  Raises ValueError naming `path`, the count of bad pixels and the valid range.
+  """
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"{path}: IDX images of type {images.dtype} are not supported (uint8 "
+                     f"pixels 0-255, or float32 / float64 in [0, 1])")
+  bad = ~np.isfinite(images)
+  if bad.any():
+    raise ValueError(f"{path}: {int(bad.sum()):,} of {images.size:,} pixels are NaN or "
+                     f"infinite (float IDX images must be finite, in [0, 1])")
+  out = (images < 0) | (images > 1)
+  if out.any():
+    raise ValueError(f"{path}: {int(out.sum()):,} of {images.size:,} pixels lie outside [0, 1] "
+                     f"(range [{images.min():g}, {images.max():g}]); float IDX images must be "
+                     f"in [0, 1] (uint8 images take 0-255)")
+  return np.round(images.astype(np.float64) * 255.0).astype(np.uint8)
+
+
+def as_labels(labels: Array, path: str) -> Array:
+  """IDX labels as int32; an integer type is required (ValueError naming `path` otherwise)."""
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{path}: IDX labels of type {labels.dtype} are not supported (an "
+                     f"integer type)")
+  return labels.astype(np.int32)
 
 
 def idx_candidates(name: str, data_dir: Optional[str]) -> List[str]:

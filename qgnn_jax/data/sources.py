@@ -22,7 +22,7 @@ import numpy as np
 
 from qgnn_jax.data import idx as idx_lib
 from qgnn_jax.data import tfds_source
-from qgnn_jax.data.registry import DatasetInfo, check_split, get_info
+from qgnn_jax.data.registry import DatasetInfo, DatasetNotFoundError, check_split, get_info
 
 Array = np.ndarray
 
@@ -72,20 +72,59 @@ def load_arrays(name: str, split: str,
     images, labels = load_digits(split)
     return images, labels, info
   tried: List[str] = []
-  if name in idx_lib.DEFAULT_IDX_DIRS and split in idx_lib.IDX_PREFIX:
-    for d in idx_lib.idx_candidates(name, data_dir):
-      if idx_lib.has_idx(d, split):
-        images, labels = idx_lib.load_idx(d, split)
-        if images.shape[1:] != info.image_shape:
-          raise ValueError(f"{d}: IDX images are {images.shape[1:]}, {name} expects "
-                           f"{info.image_shape}")
-        return images, labels, info
-      tried.append(f"IDX files {idx_lib.IDX_PREFIX[split]}-*-ubyte[.gz] in {d}: "
-                   f"{'not found' if os.path.isdir(d) else 'no such directory'}")
+  if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    # An explicit folder that is not there is a typo, not a reason to read another copy.
+    raise DatasetNotFoundError(f"data_dir={data_dir!r}: no such directory")
+  d = find_idx_dir(name, split, data_dir, tried)
+  if d is not None:
+    images, labels = idx_lib.load_idx(d, split)
+    if images.shape[1:] != info.image_shape:
+      raise ValueError(f"{d}: IDX images are {images.shape[1:]}, {name} expects "
+                       f"{info.image_shape}")
+    check_labels(labels, info, f"{d} ({split})")
+    return images, labels, info
   images, labels = tfds_source.load_tfds(name, split, data_dir, tried)
   if images.shape[1:] != info.image_shape:
     raise ValueError(f"tfds {name} images are {images.shape[1:]}, expected {info.image_shape}")
+  check_labels(labels, info, f"tfds {name} ({split})")
   return images, labels, info
+
+
+def find_idx_dir(name: str, split: str, data_dir: Optional[str],
+                 tried: Optional[List[str]] = None) -> Optional[str]:
+  """The first folder of :func:`idx_lib.idx_candidates` holding `split`'s IDX files of
+  `name` (None: none does, or `name` has no IDX files); `tried` gets a line per folder
+  passed over."""
+  if name not in idx_lib.DEFAULT_IDX_DIRS or split not in idx_lib.IDX_PREFIX:
+    return None
+  for d in idx_lib.idx_candidates(name, data_dir):
+    if idx_lib.has_idx(d, split):
+      return d
+    if tried is not None:
+      tried.append(f"IDX files {idx_lib.IDX_PREFIX[split]}-*-ubyte[.gz] in {d}: "
+                   f"{'not found' if os.path.isdir(d) else 'no such directory'}")
+  return None
+
+
+def data_source(name: str, data_dir: Optional[str] = None) -> str:
+  """What :func:`load_arrays` reads `name`'s training split from (results.json's
+  provenance): 'scikit-learn digits', 'IDX files in <folder>' or 'tfds (data_dir ...)'."""
+  if name == "digits":
+    return "scikit-learn digits"
+  d = find_idx_dir(name, "train", data_dir)
+  if d is not None:
+    return f"IDX files in {os.path.abspath(d)}"
+  return f"tfds in {tfds_source.tfds_data_dir(data_dir)}"
+
+
+def check_labels(labels: Array, info: DatasetInfo, where: str) -> None:
+  """ValueError unless every label is in [0, info.num_classes): a label past the model's
+  classes makes the loss NaN (one-hot of nothing) while training goes on."""
+  bad = (labels < 0) | (labels >= info.num_classes)
+  if bad.any():
+    raise ValueError(f"{where}: {int(bad.sum()):,} of {len(labels):,} labels lie outside "
+                     f"[0, {info.num_classes}) ({info.name} has {info.num_classes} classes; "
+                     f"labels seen: {int(labels.min())}..{int(labels.max())})")
 
 
 def holdout_indices(n: int, val_holdout: int) -> Tuple[Array, Array]:
