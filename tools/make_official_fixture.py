@@ -24,6 +24,13 @@ into this project). Deterministic (torch.manual_seed / numpy seeds); writes:
   official models (vig_ti/s/b_224_gelu, pvig_ti/s/m/b_224_gelu), num_classes 1000.
 * `provenance.json`: torch version, the sha256 of each official source file used, ARCHS.
 
+With `--full NAME` (repeatable) it writes instead `<out>/NAME_full.npz` (`sd/...` float32
+with every tensor, `images` (1, 224, 224, 3) uint8, `logits` (1, 1000), `knn/...` int32)
+and `<out>/NAME_full.pth` / `NAME_full_sd.npz` (the state dict alone, torch.save / numpy)
+of the full-size official model
+with random weights: the full-size equality (`tools/official_equality.py`) and conversion
+timings (too large to commit).
+
 `tests/test_convert_official.py` checks `qgnn_jax.official` against these files.
 """
 import argparse
@@ -87,8 +94,12 @@ def opt(kind, **over):
   return o
 
 
-def randomize(model, torch, seed):
-  """Every parameter and BN statistic random, rounded to float16 (exactly representable)."""
+def randomize(model, torch, seed, branch_scale=1.0):
+  """Every parameter and BN statistic random, rounded to float16 (exactly representable).
+
+  branch_scale multiplies the scale of the BN that ends each residual branch (Grapher's
+  and FFN's fc2.1): 1/sqrt(blocks) keeps a full-size model's activations and logits of
+  order 1-100, as in a trained one, instead of growing with depth."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -100,6 +111,8 @@ def randomize(model, torch, seed):
         v = torch.randn(t.shape, generator=g) / np.sqrt(t[0].numel())
       elif name.endswith("weight"):  # BN scale
         v = 0.5 + torch.rand(t.shape, generator=g)
+        if name.endswith(".fc2.1.weight"):
+          v = v * branch_scale
       else:  # biases, BN shifts and means, position embedding
         v = 0.1 * torch.randn(t.shape, generator=g)
       t.copy_(v.half().float())
@@ -151,6 +164,10 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--vig_pytorch", required=True, help="the official vig_pytorch/ folder")
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--full", action="append", default=[], choices=sorted(FULL),
+                 help="instead: <out>/<name>_full.npz of this full-size official model "
+                 "(1000 classes, random float32 weights, every tensor incl. relative_pos; "
+                 "one image) and its .pth, for equality at full size (repeatable)")
   a = p.parse_args()
   stub_timm()
   if not hasattr(np, "float"):  # gcn_lib/pos_embed.py uses the alias numpy 1.24 removed
@@ -163,6 +180,23 @@ def main():
   torch.set_num_threads(1)
   os.makedirs(a.out, exist_ok=True)
   mods = {"vig": vig, "pyramid_vig": pyramid_vig}
+  for ours in a.full:
+    module, fn = FULL[ours]
+    model = getattr(mods[module], fn)(num_classes=1000)
+    seed = 100 + sorted(FULL).index(ours)
+    randomize(model, torch, seed, branch_scale=1.0 / np.sqrt(model.n_blocks))
+    imgs = images(seed)[:1]
+    logits, knn = run_official(model, torch, imgs)
+    sd = model.state_dict()
+    torch.save(sd, os.path.join(a.out, f"{ours}_full.pth"))
+    np.savez(os.path.join(a.out, f"{ours}_full_sd.npz"), **{n: t.numpy() for n, t in sd.items()})
+    out = {"images": imgs, "logits": logits.astype(np.float32)}
+    out.update({f"sd/{n}": t.numpy() for n, t in sd.items()})
+    out.update({f"knn/{n}": idx.astype(np.int32) for n, idx in knn.items()})
+    np.savez(os.path.join(a.out, f"{ours}_full.npz"), **out)
+    print(ours, "logits[:5]", logits[0, :5].round(4).tolist())
+  if a.full:
+    return
 
   for seed, (kind, arch) in enumerate(ARCHS.items()):
     model = (vig if kind == "vig" else pyramid_vig).DeepGCN(opt(kind, **arch))
