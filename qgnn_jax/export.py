@@ -78,13 +78,14 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
 from qgnn_jax import qat, quant
-from qgnn_jax.qat import context as qat_context
+from qgnn_jax.qat import sites as sites_lib
 from qgnn_jax.qat import model as qat_model
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
@@ -105,53 +106,9 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- sites
 
 
-@dataclasses.dataclass(frozen=True)
-class SiteInfo:
-  """One intercepted op that a rule quantizes, as found by tracing the model."""
-  key: str            # "<module path>/quant<n>"
-  module: str         # "<module path>"
-  op: str
-  param: str          # the kernel's name in its module
-  rule: QuantRule
-  w_shape: Tuple[int, ...]
-  w_axes: Tuple[int, ...]
-  x_channels: int
-
-
-def site_name(index: int) -> str:
-  """The scope name of a module's index-th site (as `qat.site.quantize_operands`)."""
-  return site_lib.SITE_PREFIX if index == 0 else f"{site_lib.SITE_PREFIX}{index}"
-
-
-class _Recorder(qat_model._Provider):  # pylint: disable=protected-access
-  """Records every site an apply traces (no quantization)."""
-
-  def __init__(self, rules):
-    super().__init__(rules)
-    self.sites: List[SiteInfo] = []
-
-  def _site(self, module, rule, op_name, op, x, x_axes, w, w_axes, layout):
-    del layout
-    idx = qat_model._next_site_index(module)  # pylint: disable=protected-access
-    path = "/".join(map(str, module.path))
-    name = qat_context.find_param(module, w)
-    self.sites.append(SiteInfo(
-        f"{path}/{site_name(idx)}", path, op_name, str(name), rule, tuple(w.shape),
-        tuple(a % w.ndim for a in w_axes), int(math.prod(x.shape[a] for a in x_axes))))
-    return op(x, w)
-
-
-def trace_sites(model: nn.Module, rules: Sequence[QuantRule], input_shape: Sequence[int],
-                variables: Any = None) -> List[SiteInfo]:
-  """The sites of `model` under `rules`, in call order (abstract trace: nothing runs)."""
-  recorder = _Recorder(tuple(rules))
-  wrapped = qat_model.intercepted(model, recorder)
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
-  if variables is None:
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
-  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-  jax.eval_shape(lambda v, x: wrapped.apply(v, x, train=False), variables, x)
-  return recorder.sites
+# SiteInfo / site_name / trace_sites live in qgnn_jax.qat.sites (re-exported here).
+SiteInfo, site_name, trace_sites = sites_lib.SiteInfo, sites_lib.site_name, \
+    sites_lib.trace_sites
 
 
 # ----------------------------------------------------------------------------- integer forms
@@ -252,29 +209,44 @@ def _rule_dict(rule: QuantRule) -> Dict[str, Any]:
   return out
 
 
-def build(model_name, num_classes: int, rules: Sequence[QuantRule], variables: Mapping,
+def build(model_name, num_classes: int, rules: Optional[Sequence[QuantRule]], variables: Mapping,
           *, model_kwargs: Optional[Mapping[str, Any]] = None, fp32: bool = False,
           source: Optional[Mapping[str, Any]] = None,
           input_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """The payload tree of an export (see the module docstring).
 
   Args:
-    model_name: a registered model (`qgnn_jax.models.MODELS`), or any linen module taking
-      (images, train=...) with `input_shape` (H, W, C) given; `load` then needs it back
-      (`load(path, model=...)`).
+    model_name: a registered model (`qgnn_jax.models.MODELS`), or the model itself: a
+      linen module, an nnx.Module, or the `qat.QuantizedModel` it was trained as (then
+      rules=None takes its rules), with `input_shape` (H, W, C) given; `load` then needs
+      it back (`load(path, model=...)`).
     rules: the quantization rules it was trained with (() for a full-precision model).
+      Checked against the trained variables: the sites they make and their weight bits
+      must be those recorded at training (`qat.sites.check_trained`).
     variables: its trained variables: params, batch_stats, quant_stats (numpy or jax).
     model_kwargs: `create_model` keywords that shape the model (graph_impl, dtype name).
     fp32: the same model at full precision (every kernel float32, no sites): the
       reference size `model_bytes_fp32`.
     source: provenance (workdir, step, config) recorded in meta.
   Raises ExportError: a quantized site without its trained state (e.g. an activation
-  range that was never measured).
+  range that was never measured), or rules that are not the ones the variables were
+  trained with (naming the site and the bits).
   """
   from qgnn_jax import models  # pylint: disable=g-import-not-at-top
   model_kwargs = dict(model_kwargs or {})
-  if isinstance(model_name, nn.Module):
-    model, model_name = model_name, type(model_name).__name__
+  if isinstance(model_name, qat.QuantizedModel):
+    if rules is None:
+      rules = model_name.rules
+    elif tuple(rules) != model_name.rules:
+      raise ExportError(f"build: rules= differ from the rules of the given {model_name!r}; "
+                        f"pass rules=None to use the model's")
+  if rules is None:
+    raise ExportError("build: rules=None needs a qat.QuantizedModel (pass its rules, or () "
+                      "for a full-precision model)")
+  if isinstance(model_name, (nn.Module, nnx.Module, qat.QuantizedModel)):
+    name = type(model_name.original if isinstance(model_name, qat.QuantizedModel)
+                else model_name).__name__
+    model, model_name = sites_lib.as_linen(model_name), name
     if input_shape is None:
       raise ExportError(f"build: a {model_name} module needs input_shape=(H, W, C)")
   else:
@@ -283,7 +255,12 @@ def build(model_name, num_classes: int, rules: Sequence[QuantRule], variables: M
   params = _flat(variables.get("params", {}))
   stats = _flat(variables.get("quant_stats", {}))
   rules = tuple(rules)
-  sites = trace_sites(model, rules, shape, _shape_tree(variables)) if rules and not fp32 else []
+  try:
+    sites = trace_sites(model, rules, shape, _shape_tree(variables)) if rules and not fp32 else []
+    if sites:
+      sites_lib.check_trained(sites, variables, where=f"build({model_name})")
+  except ValueError as e:
+    raise ExportError(str(e)) from None
   site_data, quantized_kernels = {}, set()
   for s in sites:
     site_data[s.key] = _site_payload(s, params, stats)
@@ -501,6 +478,7 @@ class Exported:
   rules: Tuple[QuantRule, ...]
   variables: Dict[str, Any]
   plans: Dict[str, SitePlan]
+  _fns: Dict[bool, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def module(self, integer: bool = True) -> nn.Module:
     """The model to apply: quantized sites from the export (`integer`: on codes)."""
@@ -509,9 +487,13 @@ class Exported:
     return qat_model.intercepted(self.model, _IntProvider(self.rules, self.plans, integer))
 
   def apply_fn(self, integer: bool = True):
-    """A jitted (variables, images) -> logits."""
-    module = self.module(integer)
-    return jax.jit(lambda v, x: module.apply(v, x, train=False))
+    """A jitted (variables, images) -> logits, made once per `integer` (jax compiles it
+    once per input shape and dtype)."""
+    if integer not in self._fns:
+      module = self.module(integer)
+      kw = {"train": False} if sites_lib.takes_train(self.model) else {}
+      self._fns[integer] = jax.jit(lambda v, x: module.apply(v, x, **kw))
+    return self._fns[integer]
 
   def apply(self, images, integer: bool = True):
     """Logits (B, classes) of NHWC float images (normalised as for training)."""
@@ -533,8 +515,9 @@ def _create(model_name: str, num_classes: int, model_kwargs: Mapping[str, Any]) 
 def load(path: str, model: Optional[nn.Module] = None) -> Exported:
   """Reads an export written by `save` and prepares it to run.
 
-  model: the linen module, for an export built from a module rather than a registered
-  model name (the file names its class; it must match).
+  model: the model, for an export built from a module rather than a registered model
+  name (the file names its class; it must match): a linen module, an nnx.Module or a
+  qat.QuantizedModel of that class (its variables are the file's, not the module's).
 
   Raises:
     FileNotFoundError: no such file.
@@ -546,9 +529,20 @@ def load(path: str, model: Optional[nn.Module] = None) -> Exported:
     data = f.read()
   payload = from_bytes(data, path)
   meta = payload["meta"]
-  if model is not None and type(model).__name__ != meta.get("model"):
-    raise ExportError(f"{path}: model/rules mismatch: the file holds a {meta.get('model')}, "
-                      f"given a {type(model).__name__}")
+  if model is not None:
+    given = model.original if isinstance(model, qat.QuantizedModel) else model
+    if type(given).__name__ != meta.get("model"):
+      raise ExportError(f"{path}: model/rules mismatch: the file holds a {meta.get('model')}, "
+                        f"given a {type(given).__name__}")
+    model = sites_lib.as_linen(model)
+  else:
+    from qgnn_jax import models  # pylint: disable=g-import-not-at-top
+    if meta.get("model") not in models.MODELS:
+      raise ExportError(
+          f"{path}: model {meta.get('model')!r} is not a registered model "
+          f"({sorted(models.MODELS)[:3]}...): the export was built from a module; pass one of that "
+          f"class: export.load(path, model={meta.get('model')}(...)) (a linen module, an "
+          f"nnx.Module or the qat.QuantizedModel; its own variables are not used)")
   try:
     model = model or _create(meta["model"], meta["num_classes"], meta.get("model_kwargs", {}))
     rules = tuple(QuantRule(**{k: tuple(v) if isinstance(v, list) else v

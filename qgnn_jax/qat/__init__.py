@@ -9,9 +9,11 @@ modes), `model.py` (the qwix provider and `QuantizedModel`).
 """
 from qgnn_jax.qat.model import (RESERVED_KWARGS, QuantizedModel, is_quantizer_param,
                                 quantize_model)
+from qgnn_jax.qat.sites import SiteInfo, describe, trace_sites
+from qgnn_jax.qat.from_fp import from_fp
 from qgnn_jax.qat.rules import OPS, QuantRule, full_precision, match
 from qgnn_jax.qat.site import MODES, CallSettings, call_settings, current_settings
 
 __all__ = ["quantize_model", "QuantizedModel", "QuantRule", "full_precision", "match",
            "is_quantizer_param", "CallSettings", "call_settings", "current_settings",
-           "MODES", "OPS", "RESERVED_KWARGS"]
+           "MODES", "OPS", "RESERVED_KWARGS", "describe", "trace_sites", "SiteInfo", "from_fp"]
