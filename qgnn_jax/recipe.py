@@ -91,6 +91,30 @@ def quant_rules(config) -> Tuple[qat.QuantRule, ...]:
   return tuple(rules)
 
 
+def parse_sqd_bits(text: str, a_bits: int) -> Tuple[Optional[int], ...]:
+  """speq's activation bit choices besides the student's a_bits (None = full precision).
+
+  "auto" -> {a_bits + 2 (at most 16), 8, fp} without a_bits (SPEQ's {b, b+2, 8, fp});
+  "4,8,fp" -> (4, 8, None). Ints in [2, 16].
+  """
+  text = str(text).strip()
+  if text == "auto":
+    bits = (min(a_bits + 2, 16), 8, None)
+  else:
+    bits = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+      if item == "fp":
+        bits.append(None)
+      elif item.isdigit() and 2 <= int(item) <= 16:
+        bits.append(int(item))
+      else:
+        raise ValueError(f"sqd_bits={text!r}; valid: 'auto' or a comma list of bit widths in "
+                         f"[2, 16] and 'fp' (e.g. '4,8,fp')")
+    if not bits:
+      raise ValueError(f"sqd_bits={text!r}; valid: 'auto' or a non-empty comma list")
+  return tuple(dict.fromkeys(b for b in bits if b != a_bits))
+
+
 def loss_config(config) -> train_lib.LossConfig:
   m = parse_method(config.method)
   return train_lib.LossConfig(
@@ -98,7 +122,8 @@ def loss_config(config) -> train_lib.LossConfig:
       alpha=float(config.aqd_alpha) if m.aqd else 0.0, tau=float(config.aqd_tau),
       beta=float(config.sqd_beta) if m.sqd else 0.0, bypass_prob=float(config.sqd_p),
       temperature=float(config.sqd_temperature), label_smoothing=float(config.label_smoothing),
-      feature_taps=FEATURE_TAPS)
+      feature_taps=FEATURE_TAPS, aqd_form=str(config.aqd_form), sqd_form=str(config.sqd_form),
+      sqd_act_bits=parse_sqd_bits(config.sqd_bits, int(config.a_bits)))
 
 
 def build_model(config, num_classes: int, axis_name: Optional[str] = None

@@ -128,6 +128,21 @@ def _method(field, v):
     raise ConfigError(f"config.{field}={v!r}: {str(e).split('; ', 1)[-1]}") from None
 
 
+def _distill_form(field, v):
+  from qgnn_jax import distill  # pylint: disable=g-import-not-at-top
+  registry = distill.AQD_FORMS if field == "aqd_form" else distill.SQD_FORMS
+  if v not in registry:
+    raise _bad(field, v, f"valid: one of {', '.join(registry.names())}")
+
+
+def _sqd_bits(field, v):
+  from qgnn_jax.recipe import parse_sqd_bits  # pylint: disable=g-import-not-at-top
+  try:
+    parse_sqd_bits(v, 2)
+  except ValueError as e:
+    raise ConfigError(f"config.{field}={v!r}: {str(e).split('; ', 1)[-1]}") from None
+
+
 # Every run config field and its check (the defaults are in experiments/configs/common.py).
 FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     # data
@@ -144,6 +159,7 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     # self-distillation
     "aqd_alpha": _real(0), "aqd_tau": _real(0, lo_open=True), "sqd_beta": _real(0),
     "sqd_p": _real(0, 1), "sqd_temperature": _real(0, lo_open=True),
+    "aqd_form": _distill_form, "sqd_form": _distill_form, "sqd_bits": _sqd_bits,
     "label_smoothing": _real(0, 1, hi_open=True),
     # optimisation
     "optimizer": _one_of(OPTIMIZERS), "lr": _real(0, lo_open=True), "quant_lr": _real(),
@@ -227,7 +243,8 @@ _ABSENT = "(absent)"
 # Fields added after runs were made: a saved config without one was run with this value
 # (what the code did before the field existed), so its absence is no difference.
 LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False,
-                                     "source": ""}
+                                     "source": "", "aqd_form": "channel_mse",
+                                     "sqd_form": "bypass_kl", "sqd_bits": "auto"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:

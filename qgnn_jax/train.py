@@ -53,9 +53,11 @@ class LossConfig:
   student_mode: "fp" for full-precision training, "quant" for QAT.
   alpha / tau: AQD weight and attention temperature; feature_taps: module-path regex
   of the block outputs AQD distils (needed when alpha > 0; ViG's is
-  `qgnn_jax.models.FEATURE_TAPS`); beta / bypass_prob /
-  temperature: SQD weight, teacher's per-site bypass probability, KD
-  temperature. A zero weight removes that teacher pass from the program. tau,
+  `qgnn_jax.models.FEATURE_TAPS`); beta / bypass_prob / temperature: SQD weight, the
+  teacher's per-site (stochastic_channels: per-channel) full-precision probability, KD
+  temperature. aqd_form / sqd_form: names in `distill.AQD_FORMS` / `distill.SQD_FORMS`;
+  sqd_act_bits: speq's activation bit choices besides each site's own (None = full
+  precision). A zero weight removes that teacher pass from the program. tau,
   bypass_prob and temperature default to the ablation's validation winners (SPEC's
   starting point: 1, 0.5, 1); the run configs set alpha = 0.1, beta = 3 for aqd / sqd.
   """
@@ -67,6 +69,9 @@ class LossConfig:
   temperature: float = 2.0
   label_smoothing: float = 0.0
   feature_taps: str = ""
+  aqd_form: str = "channel_mse"
+  sqd_form: str = "bypass_kl"
+  sqd_act_bits: Tuple[Optional[int], ...] = ()
 
   def __post_init__(self):
     if self.student_mode not in ("fp", "quant"):
@@ -74,6 +79,15 @@ class LossConfig:
     if self.alpha > 0 and not self.feature_taps:
       raise ValueError("alpha > 0 (AQD) needs feature_taps: the module-path regex of the "
                        "block outputs to distil")
+    distill.AQD_FORMS.get(self.aqd_form)
+    if self.beta > 0:
+      self.teacher_draw()  # validates sqd_form, bypass_prob and sqd_act_bits
+
+  def teacher_draw(self) -> qat.TeacherDraw:
+    """How SQD's stochastic teacher differs from the student (`qat.TeacherDraw`)."""
+    form = distill.SQD_FORMS.get(self.sqd_form)
+    return qat.TeacherDraw(form.teacher, self.bypass_prob,
+                           self.sqd_act_bits if form.teacher == "precision" else ())
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -211,7 +225,7 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax
   """L = CE(z_s, y) + alpha * AQD + beta * SQD on one device's batch.
 
   drop_rng drives dropout / drop-path (per device); quant_rng the SQD teacher's
-  bypass mask (the same on every device: one mask per step).
+  draw (the same on every device: one draw per step, `qat.TeacherDraw`).
   Returns (loss, (metrics, new_model_state)). The teacher passes (FP for AQD,
   stochastic for SQD) run only when their weight is non-zero; their outputs
   are constants and their BN/EMA updates are discarded. Student and teachers are the
@@ -237,15 +251,17 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax
     _, t_state = model.apply(teacher_vars, images, train=True, mode="fp", axis_name=AXIS,
                              rngs={"dropout": drop_rng}, mutable=stats + ["intermediates"],
                              capture_intermediates=taps.capture)
-    aqd = distill.aqd_loss(taps.collect(new_state.pop("intermediates")),
-                           taps.collect(t_state["intermediates"]), loss_cfg.tau)
+    aqd = distill.AQD_FORMS.get(loss_cfg.aqd_form).loss(
+        taps.collect(new_state.pop("intermediates")), taps.collect(t_state["intermediates"]),
+        loss_cfg.tau)
     loss = loss + loss_cfg.alpha * aqd
     metrics["aqd"] = aqd
   if loss_cfg.beta > 0:
     t_logits, _ = model.apply(teacher_vars, images, train=True, mode="stochastic",
-                              bypass_prob=loss_cfg.bypass_prob, axis_name=AXIS,
+                              teacher=loss_cfg.teacher_draw(), axis_name=AXIS,
                               rngs={"dropout": drop_rng, "quant": quant_rng}, mutable=stats)
-    sqd = distill.sqd_loss(logits, t_logits, loss_cfg.temperature)
+    sqd = distill.SQD_FORMS.get(loss_cfg.sqd_form).loss(logits, t_logits,
+                                                        loss_cfg.temperature)
     loss = loss + loss_cfg.beta * sqd
     metrics["sqd"] = sqd
   metrics["loss"] = loss

@@ -271,9 +271,34 @@ def test_stochastic_mode_extremes_at_a_layer(quantizer):
   k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
   fp, q = run(variables, x, k0, "fp"), run(variables, x, k0, "quant")
   assert np.max(np.abs(fp - q)) > 1e-3
-  # p = 0 -> quantized, p = 1 -> full precision (up to XLA's fusion of the select: ~1 ulp).
-  np.testing.assert_allclose(run(variables, x, k1, "stochastic", 0.0), q, rtol=1e-5, atol=1e-6)
+  # p = 1 -> full precision (up to XLA's fusion of the select: ~1 ulp); p = 0 too here:
+  # the one site is the one the teacher must bypass (it is never the student).
   np.testing.assert_allclose(run(variables, x, k1, "stochastic", 1.0), fp, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(run(variables, x, k1, "stochastic", 0.0), fp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "lsq"])
+def test_stochastic_p0_bypasses_exactly_one_of_two_sites(quantizer):
+  """p = 0: exactly the forced site runs in full precision, the other stays quantized."""
+  x = _randn(9, (6, 8), 2.0)
+  model = nn.Sequential([nn.Dense(7), nn.Dense(5)])
+  qm = qat.quantize_model(model, (_rule(quantizer, 3, 3),))
+  variables = _variables(qm, x)
+  assert len(qat.site_paths(variables)) == 2
+  q = qm.apply(variables, x, mode="quant")
+  # The outputs with exactly one of the two layers in full precision, by hand.
+  only = []
+  for i in range(2):
+    rule_fp = (qat.full_precision(f"layers_{i}"), _rule(quantizer, 3, 3))
+    only.append(qat.quantize_model(model, rule_fp).apply(variables, x, mode="quant"))
+  seen = set()
+  for k in range(12):
+    t = np.asarray(qm.apply(variables, x, mode="stochastic", bypass_prob=0.0,
+                            rngs={"quant": jax.random.key(k)}))
+    match = [i for i in range(2) if np.allclose(t, only[i], rtol=1e-5, atol=1e-6)]
+    assert len(match) == 1 and not np.allclose(t, q, rtol=1e-5, atol=1e-6)
+    seen.add(match[0])
+  assert seen == {0, 1}  # the forced site is drawn, not fixed
 
 
 def test_stochastic_mode_needs_quant_rng(small_vig):

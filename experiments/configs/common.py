@@ -42,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sqd_beta = 3.0
   c.sqd_p = 0.25
   c.sqd_temperature = 2.0
+  # The forms (qgnn_jax.distill.AQD_FORMS / SQD_FORMS; docs/METHOD.md, "Distillation
+  # forms"), and speq's activation bit choices: "auto" = {b+2, 8, fp} besides the
+  # student's b, or a list such as "4,8,fp".
+  c.aqd_form = "channel_mse"
+  c.sqd_form = "bypass_kl"
+  c.sqd_bits = "auto"
   c.label_smoothing = 0.0
   # Optimisation
   c.optimizer = "adamw"      # adamw | sgd

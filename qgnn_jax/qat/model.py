@@ -19,6 +19,7 @@ transform").
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -36,9 +37,9 @@ from qgnn_jax.qat import nnx_bridge
 from qgnn_jax.qat import rules as rules_lib
 from qgnn_jax.qat import site as site_lib
 from qgnn_jax.qat.rules import QuantRule
-from qgnn_jax.qat.site import CallSettings
+from qgnn_jax.qat.site import CallSettings, TeacherDraw
 
-RESERVED_KWARGS = ("mode", "bypass_prob", "calibrate", "axis_name")
+RESERVED_KWARGS = ("mode", "bypass_prob", "calibrate", "axis_name", "teacher")
 # Inside a handler the interception is off (qwix's interception is not recursive), so
 # the handlers call jax.lax.dot_general & co. for the original ops.
 
@@ -262,9 +263,10 @@ class QuantizedModel:
   """A linen model with fake quantization at the ops its rules match.
 
   `init` and `apply` take the original model's arguments, plus, for `apply`, the
-  per-call keywords `mode` ("fp" | "quant" | "stochastic"), `bypass_prob`,
-  `calibrate` and `axis_name` (the pmap axis over which activation ranges are
-  synchronised). Variables: the original model's, plus each site's quantizer state
+  per-call keywords `mode` ("fp" | "quant" | "stochastic"), `bypass_prob` or `teacher`
+  (mode "stochastic": a `TeacherDraw`; bypass_prob=p is TeacherDraw("bypass", p); needs
+  rngs={"quant": key}), `calibrate` and `axis_name` (the pmap axis over which
+  activation ranges are synchronised). Variables: the original model's, plus each site's quantizer state
   (`qgnn_jax.qat.site`). `module` is the quantized linen module itself, to nest in a
   larger model (then set the call settings with `qgnn_jax.qat.call_settings`).
   """
@@ -322,12 +324,16 @@ class QuantizedModel:
     return kwargs
 
   def apply(self, variables, *args, mode: str = "quant", bypass_prob: float = 0.0,
-            calibrate: bool = False, axis_name: Optional[str] = None, **kwargs):
-    settings = CallSettings(mode, bypass_prob, calibrate, axis_name)
+            calibrate: bool = False, axis_name: Optional[str] = None,
+            teacher: Optional[TeacherDraw] = None, **kwargs):
     # Weights are found by identity with the module's params (find_param), which numpy
     # arrays (e.g. after device_get) defeat: make every leaf a jax array (a no-op for
     # jax arrays and tracers).
     variables = jax.tree.map(jnp.asarray, variables)
+    settings = CallSettings(mode, bypass_prob, calibrate, axis_name)
+    if mode == "stochastic":
+      settings = dataclasses.replace(settings, teacher=_draw_forced_site(
+          variables, teacher or TeacherDraw("bypass", bypass_prob), kwargs.get("rngs")))
     with site_lib.call_settings(settings):
       return self.module.apply(variables, *args, **self._kwargs(kwargs))
 
@@ -340,6 +346,21 @@ class QuantizedModel:
 
   def __repr__(self):
     return f"QuantizedModel({type(self.original).__name__}, {len(self.rules)} rules)"
+
+
+def _draw_forced_site(variables, teacher: TeacherDraw, rngs) -> TeacherDraw:
+  """`teacher` with every site of `variables` and the one that must differ this call,
+  drawn uniformly from the ``quant`` rng (the same key on every device: one draw a step)."""
+  sites = site_lib.site_paths(variables)
+  if not sites:
+    raise ValueError('mode "stochastic" (SQD\'s teacher) needs a quantized model: the '
+                     'variables hold no quantizer site')
+  key = rngs.get("quant") if isinstance(rngs, dict) else None
+  if key is None:
+    raise ValueError('mode "stochastic" draws its teacher from the "quant" rng: pass '
+                     'rngs={"quant": key}')
+  forced = jax.random.randint(jax.random.fold_in(key, len(sites)), (), 0, len(sites))
+  return dataclasses.replace(teacher, sites=sites, forced=forced)
 
 
 def quantize_model(model: Any, rules: Sequence[QuantRule]) -> QuantizedModel:
