@@ -6,16 +6,21 @@
 --export evaluates an export (`experiments.export`) on its dataset's test split with
 integer inference; --compare also runs the dequantized path and the fake-quant eval of
 the checkpoint it came from and counts the images whose prediction differs
-(--json FILE writes the numbers). A corrupt, truncated or mismatched export exits with 1.
+(--json FILE writes the numbers). A corrupt, truncated or mismatched export exits with 1;
+a directory given as --export (a run's workdir: use --workdir) with 2.
 
 The model, quantization and data come from the workdir's config.json; the checkpoint is
 the newest readable one (a corrupt newest step is skipped with a warning) or --step N.
 `<workdir>/eval.json` gets the numbers with the step, the split and provenance. A
 config.json with a bad field exits with status 2; a missing workdir or checkpoint with 1.
 """
+import os
+from typing import Optional
+
 from absl import app, flags
 
-from experiments.cli import call_or_fail, set_console, setup_compilation_cache
+from experiments.cli import (EXIT_CONFIG, call_or_fail, fail, parse_flags, set_console,
+                             setup_compilation_cache)
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -35,13 +40,26 @@ flags.register_validator("workdir", lambda v: v is not None or flags.FLAGS.expor
                          "give --workdir DIR or --export FILE")
 
 
+def export_path_error(path: str) -> Optional[str]:
+  """Why `--export path` cannot be an export file (a directory; a run's workdir), or None."""
+  if not os.path.isdir(path):
+    return None
+  if os.path.exists(os.path.join(path, "config.json")):
+    return (f"--export={path} is a run's workdir, not an export file; this is a run: use "
+            f"--workdir={path}, or export it with python -m experiments.export "
+            f"--workdir={path} --out=FILE")
+  return f"--export={path} is a directory; give the file experiments.export wrote (--out)"
+
+
 def main_export(fl):
+  if (why := export_path_error(fl.export)) is not None:
+    fail(why, EXIT_CONFIG)
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, export  # pylint: disable=g-import-not-at-top
   from qgnn_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   out = call_or_fail(
       lambda: export.evaluate_export(fl.export, fl.dataset, fl.data_dir, fl.compare, fl.limit),
-      (FileNotFoundError, export.ExportError, ckpt.CheckpointError, DatasetNotFoundError,
+      (OSError, export.ExportError, ckpt.CheckpointError, DatasetNotFoundError,
        experiment.DataError), fl.verbose)
   print(f"{fl.export} ({out['bytes']:,} bytes, {out['integer_sites']}/{out['sites']} sites "
         f"on integer codes): {out['split']} top-1 {100 * out['top1_integer']:.2f}% "
@@ -70,7 +88,7 @@ def main(argv):
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
   out = call_or_fail(lambda: experiment.evaluate_checkpoint(fl.workdir, fl.step, fl.split),
-                     (FileNotFoundError, ckpt.CheckpointError, experiment.DataError),
+                     (OSError, ckpt.CheckpointError, experiment.DataError),
                      fl.verbose, run_config.ConfigError)
   print(f"{fl.workdir} step {out['step']}: {out['split']} top-1 {100 * out['top1']:.2f}% "
         f"({out['count']} images), loss {out['loss']:.4f}; written to "
@@ -78,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -6,12 +6,13 @@ The file holds every quantized kernel as packed integer codes with its scales an
 points, the activation quantizers' parameters, the full-precision parameters and BN
 statistics, and the model name and rules (format: `qgnn_jax/export.py`). It is written
 atomically. Read it back with `qgnn_jax.export.load(FILE)`; evaluate it with
-`python -m experiments.evaluate --export FILE`. A missing workdir or checkpoint exits
-with status 1, a bad config.json with 2.
+`python -m experiments.evaluate --export FILE`. A missing workdir or checkpoint and a
+failed write (a read-only or full file system: one line naming the path) exit with status
+1, a bad config.json with 2.
 """
 from absl import app, flags
 
-from experiments.cli import call_or_fail, set_console, setup_compilation_cache
+from experiments.cli import call_or_fail, parse_flags, set_console, setup_compilation_cache
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("out", None, "The export file to write (e.g. model.qgx).")
@@ -28,7 +29,7 @@ def main(argv):
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from qgnn_jax import export, run_config  # pylint: disable=g-import-not-at-top
   out = call_or_fail(lambda: export.export_workdir(fl.workdir, fl.out, fl.step),
-                     (FileNotFoundError, ckpt.CheckpointError, export.ExportError), fl.verbose,
+                     (OSError, ckpt.CheckpointError, export.ExportError), fl.verbose,
                      run_config.ConfigError)
   print(f"{fl.out}: {out['bytes']:,} bytes ({out['sites']} quantized sites, step "
         f"{out['step']}); the same model at fp32: {out['bytes_fp32']:,} bytes "
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -201,37 +201,81 @@ def test_bad_flags_and_config_files_exit_2_in_one_line(tmp_path, args, expected)
   assert not (tmp_path / "wd").exists() and out == ""
 
 
-def test_ctrl_c_says_where_the_same_command_resumes(tmp_path):
-  args = ["--config.pretrain_fp_epochs=0", "--config.method=fp", "--config.num_steps=6",
-          "--config.batch_size=32", "--config.eval_batch_size=400",
-          "--config.checkpoint_every=2", "--config.progress=False", f"--workdir={tmp_path}"]
-  code, _, err = _cli("experiments.run", *args,
-                      env={**os.environ, experiment.KILL_AT_ENV: "mid_step:3:INT"})
-  assert code == 130 and err == [f"error: {tmp_path}: interrupted at step 3; the same command "
-                                 f"resumes from step 2"], err
-  assert ckpt.verify_checksums(str(tmp_path / "checkpoints" / "2"))
-  code, _, err = _cli("experiments.run", *args)
-  assert code == 0 and f"{tmp_path}: resumed from step 2 of 6" in err, err
-  res = json.loads((tmp_path / "results.json").read_text())
-  assert res["train_steps"] == 6 and res["data_source"] == "scikit-learn digits"
+RUN_ARGS = ["--config.pretrain_fp_epochs=0", "--config.method=fp", "--config.num_steps=6",
+            "--config.batch_size=32", "--config.eval_batch_size=400",
+            "--config.checkpoint_every=2", "--config.progress=False"]
 
 
-def test_a_process_that_stops_a_multi_process_run_says_why_in_two_lines(monkeypatch, capsys):
-  """One of 2 processes killed: the survivor's reason, without the traceback (--verbose)."""
-  from qgnn_jax import distributed
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+def _read_only(path, *cmd):
+  """`cmd` with `path` bind-mounted read-only in a private mount namespace (unshare -m)."""
+  return ["unshare", "-m", "sh", "-c", f"mount --bind '{path}' '{path}' && mount -o "
+          f"remount,ro,bind '{path}' '{path}' && exec \"$@\"", "sh", *cmd]
+
+
+def _can_mount(tmp_path):
   try:
-    raise RuntimeError("Gloo AllReduce failed: Connection closed by peer [127.0.0.1]:1234\n"
-                       "  (details from gloo's transport, line after line)")
-  except RuntimeError as e:
-    with pytest.raises(SystemExit) as ex:
-      distributed.exit_on_error(e)
-  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-  assert ex.value.code == 1 and len(lines) == 2 and "Traceback" not in "".join(lines), lines
-  assert lines[0].startswith("qgnn_jax: process 1 of 2 stops: RuntimeError: Gloo")
-  assert "another process has most likely died" in lines[1]
+    return subprocess.run(_read_only(tmp_path, "true"), capture_output=True).returncode == 0
+  except OSError:
+    return False
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """A 6-step digits run stopped by Ctrl-C (SIGINT) at step 3, then (read-only, where this
+  host can mount) an attempt to resume it, then resumed to the end: {step: (code, stdout,
+  stderr lines)} and the workdir."""
+  wd = tmp_path_factory.mktemp("interrupted")
+  out = {"interrupt": _cli("experiments.run", *RUN_ARGS, f"--workdir={wd}",
+                           env={**os.environ, experiment.KILL_AT_ENV: "mid_step:3:INT"})}
+  if _can_mount(wd):
+    out["read_only"] = _cli_cmd(_read_only(wd, sys.executable, "-m", "experiments.run",
+                                           *RUN_ARGS, f"--workdir={wd}"))
+  out["resume"] = _cli("experiments.run", *RUN_ARGS, f"--workdir={wd}")
+  return wd, out
+
+
+def _cli_cmd(cmd, timeout=600):
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return out.returncode, out.stdout, [l for l in out.stderr.splitlines() if l.strip()]
+
+
+def test_ctrl_c_says_where_the_same_command_resumes(interrupted):
+  wd, out = interrupted
+  code, _, err = out["interrupt"]
+  assert code == 130 and err == [f"error: {wd}: interrupted at step 3; the same command "
+                                 f"resumes from step 2"], err
+  code, _, err = out["resume"]
+  assert code == 0 and f"{wd}: resumed from step 2 of 6" in err, err
+  res = json.loads((wd / "results.json").read_text())
+  assert res["train_steps"] == 6 and res["data_source"] == "scikit-learn digits"
+  kept = [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
+  assert "6" in kept and all(ckpt.verify_checksums(str(wd / "checkpoints" / n)) for n in kept)
+
+
+def test_resume_on_a_read_only_file_system_is_one_line_before_anything(interrupted):
+  wd, out = interrupted
+  if "read_only" not in out:
+    pytest.skip("this host cannot bind-mount read-only (needs root and unshare -m)")
+  code, _, err = out["read_only"]
+  assert code == 1 and len(err) == 1, err
+  assert err[0] == (f"error: {wd / workdir_lock.LOCK_FILE}: Read-only file system; write to "
+                    f"another place (e.g. another --workdir / --out)"), err
+
+
+def test_export_to_a_read_only_place_and_evaluate_export_of_a_directory(interrupted, tmp_path):
+  wd, _ = interrupted
+  if _can_mount(tmp_path):
+    code, _, err = _cli_cmd(_read_only(tmp_path, sys.executable, "-m", "experiments.export",
+                                       f"--workdir={wd}", f"--out={tmp_path / 'm.qgx'}"))
+    assert code == 1 and len(err) == 1 and "Read-only file system" in err[0], err
+    assert str(tmp_path) in err[0] and not os.listdir(tmp_path)
+  code, _, err = _cli("experiments.evaluate", f"--export={wd}")
+  assert code == 2 and err == [
+      f"error: --export={wd} is a run's workdir, not an export file; this is a run: use "
+      f"--workdir={wd}, or export it with python -m experiments.export --workdir={wd} "
+      f"--out=FILE"], err
+  code, _, err = _cli("experiments.evaluate", f"--export={tmp_path}")
+  assert code == 2 and len(err) == 1 and "is a directory" in err[0], err
 
 
 # ----------------------------------------------------------------------------- data
