@@ -523,6 +523,9 @@ def _train_and_evaluate_locked(config, workdir: str) -> Dict[str, Any]:
   try:
     restore_or_init(run)
     run.writer = run_log.MetricsWriter(workdir, enabled=run.main, resume_step=run.progress.step)
+    if config.ptq:  # post-training quantization instead of training (issue 22)
+      from qgnn_jax import ptq_run  # pylint: disable=g-import-not-at-top
+      ptq_run.quantize(run)
     if run.progress.step < run.total_steps:
       train_loop(run)
     if run.progress.step < run.total_steps:  # stopped early on purpose (stop_at_step)

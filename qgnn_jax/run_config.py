@@ -143,6 +143,8 @@ def _sqd_bits(field, v):
     raise ConfigError(f"config.{field}={v!r}: {str(e).split('; ', 1)[-1]}") from None
 
 
+PTQ_SEARCHES = ("mse", "none")  # per-site range search after calibration, or none
+
 # Every run config field and its check (the defaults are in experiments/configs/common.py).
 FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     # data
@@ -172,6 +174,8 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "restore_step": _int(0), "progress": _bool,
     # two-phase pipelines
     "pretrain_fp_epochs": _real(0),
+    # post-training quantization (qgnn_jax/ptq_run.py)
+    "ptq": _bool, "ptq_batches": _int(1), "ptq_search": _one_of(PTQ_SEARCHES),
 }
 
 
@@ -244,7 +248,8 @@ _ABSENT = "(absent)"
 # (what the code did before the field existed), so its absence is no difference.
 LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False,
                                      "source": "", "aqd_form": "channel_mse",
-                                     "sqd_form": "bypass_kl", "sqd_bits": "auto"}
+                                     "sqd_form": "bypass_kl", "sqd_bits": "auto",
+                                     "ptq": False, "ptq_batches": 8, "ptq_search": "mse"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:

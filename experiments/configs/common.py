@@ -75,4 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress = True
   # Two-phase pipelines (quick start): FP pretraining, then QAT initialised from it
   c.pretrain_fp_epochs = 0.0
+  # Post-training quantization of init_from's model (no training; qgnn_jax/ptq_run.py):
+  # calibrate on ptq_batches training batches, then search each site's activation range
+  # ("mse": PQ's lambda / min-max's clip minimising the quantization error; "none")
+  c.ptq = False
+  c.ptq_batches = 8
+  c.ptq_search = "mse"
   return c

@@ -10,7 +10,7 @@ modes), `model.py` (the qwix provider and `QuantizedModel`).
 from qgnn_jax.qat.model import (RESERVED_KWARGS, QuantizedModel, is_quantizer_param,
                                 quantize_model)
 from qgnn_jax.qat.sites import SiteInfo, describe, trace_sites
-from qgnn_jax.qat.from_fp import from_fp
+from qgnn_jax.qat.fp_init import from_fp
 from qgnn_jax.qat.rules import OPS, QuantRule, full_precision, match
 from qgnn_jax.qat.site import (MODES, TEACHER_DRAWS, CallSettings, TeacherDraw, call_settings,
                                current_settings, site_paths)
