@@ -22,9 +22,31 @@ EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def set_console(verbose: bool) -> None:
-  """absl / orbax INFO lines hidden unless verbose (warnings and errors always shown)."""
+  """absl INFO lines hidden unless verbose (warnings and errors always shown); orbax's own
+  lines and the asyncio noise of its failed writer threads only when verbose: what they
+  report reaches the console as qgnn_jax's one-line errors and warnings (a corrupt step
+  skipped, a failed save), and orbax's cleaning of an interrupted save's folder at start-up
+  ("Removing existing directory since it is not finalized") is no news to the user."""
   logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
   py_logging.getLogger().setLevel(py_logging.INFO if verbose else py_logging.WARNING)
+  if not verbose:
+    logging.get_absl_logger().addFilter(_not_orbax)
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+def _not_orbax(record: py_logging.LogRecord) -> bool:
+  """Logging filter: False for orbax's records."""
+  return f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+def _quiet_unraisable(hook):
+  """sys.unraisablehook that drops "Event loop is closed" (TensorStore's callbacks into the
+  event loop of an orbax writer that already stopped after an error) and passes the rest on."""
+  def quiet(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      hook(unraisable)
+  return quiet
 
 
 def setup_compilation_cache() -> None:

@@ -51,6 +51,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -73,6 +74,10 @@ class CheckpointError(ValueError):
 
 class CorruptCheckpointError(CheckpointError):
   """A checkpoint step exists but cannot be read (truncated, deleted files, bad metadata)."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (a full disk, ...); the kept ones are intact."""
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -207,12 +212,43 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
 def wait(manager: ocp.CheckpointManager) -> None:
   """Blocks until the manager's pending asynchronous save is on disk, then writes the
   checksums of every finalised step that has none (process 0)."""
-  manager.wait_until_finished()
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (orbax re-raises its writer's error)
+    raise _write_error(manager, e) from e
   if jax.process_index() == 0:
     for step in manager.all_steps():
       step_dir = os.path.join(str(manager.directory), str(int(step)))
       if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
         write_checksums(step_dir)
+
+
+def _dir_bytes(directory: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(directory)
+             for n in names)
+
+
+def _write_error(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointWriteError:
+  """One line for a failed save, after removing its unfinished folder (orbax would remove it
+  at the next start; on a full disk the space is needed now)."""
+  directory = str(manager.directory)
+  unfinished = [n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n]
+  written = sum(_dir_bytes(os.path.join(directory, n)) for n in unfinished)
+  for n in unfinished:
+    shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  kept = (f"the kept checkpoints (steps {steps}) are intact, and the same command resumes "
+          f"from step {steps[-1]}" if steps else "no checkpoint was kept yet")
+  text = str(e)
+  if "os_error_code='28'" in text or "No space left on device" in text:
+    need = _dir_bytes(os.path.join(directory, str(steps[-1]))) if steps else written
+    st = os.statvfs(directory)
+    return CheckpointWriteError(
+        f"{directory}: no space left on the device for a checkpoint (one takes "
+        f"{'about ' if steps else 'more than '}{need:,} bytes, {st.f_bavail * st.f_frsize:,} "
+        f"are free); {kept} once space is freed")
+  return CheckpointWriteError(f"{directory}: a checkpoint could not be written "
+                              f"({short_error(e)}); {kept}")
 
 
 # ----------------------------------------------------------------------------- checksums

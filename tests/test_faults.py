@@ -4,6 +4,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -276,6 +277,62 @@ def test_export_to_a_read_only_place_and_evaluate_export_of_a_directory(interrup
       f"--out=FILE"], err
   code, _, err = _cli("experiments.evaluate", f"--export={tmp_path}")
   assert code == 2 and len(err) == 1 and "is a directory" in err[0], err
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_then_resumes(tmp_path):
+  """The disk fills at a checkpoint: one line naming the folder and the bytes, the kept
+  checkpoints intact (checksums), and once there is space the same command resumes."""
+  if not _can_mount(tmp_path):
+    pytest.skip("this host cannot mount a small tmpfs (needs root and unshare -m)")
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  # 6 MB: vig_digits' checkpoints take ~3.7 MB each (state + Adam moments), so the second of
+  # the 4 saves finds the disk full.
+  script = (f"mount -t tmpfs -o size=6m tmpfs '{disk}' || exit 99\n"
+            f"\"$@\" 2> '{tmp_path}/1.err'; echo $? > '{tmp_path}/1.rc'\n"
+            f"mount -o remount,size=64m '{disk}'\n"
+            f"\"$@\" 2> '{tmp_path}/2.err'; echo $? > '{tmp_path}/2.rc'\n")
+  cmd = [sys.executable, "-m", "experiments.run", *RUN_ARGS, "--config.num_steps=8",
+         "--config.keep_checkpoints=5", f"--workdir={disk / 'wd'}"]
+  out = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr
+  rc1, rc2 = (int((tmp_path / f"{i}.rc").read_text()) for i in (1, 2))
+  err1, err2 = ([l for l in (tmp_path / f"{i}.err").read_text().splitlines() if l.strip()]
+                for i in (1, 2))
+  assert rc1 == 1 and len(err1) == 1, err1
+  m = re.fullmatch(rf"error: {re.escape(str(disk / 'wd' / 'checkpoints'))}: no space left on "
+                   r"the device for a checkpoint \(one takes about ([\d,]+) bytes, ([\d,]+) "
+                   r"are free\); the kept checkpoints \(steps \[([\d, ]+)\]\) are intact, and "
+                   r"the same command resumes from step (\d+) once space is freed", err1[0])
+  assert m, err1
+  assert int(m.group(1).replace(",", "")) > int(m.group(2).replace(",", ""))
+  assert rc2 == 0 and f"{disk / 'wd'}: resumed from step {m.group(4)} of 8" in err2, err2
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_orbax_cleaning_an_interrupted_save_is_quiet_unless_verbose(tmp_path, caplog, verbose):
+  """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`; saving that step again,
+  orbax says "Removing existing directory since it is not finalized": no news to the user."""
+  import logging as py_logging
+  from absl import logging
+  from experiments import cli
+  manager = ckpt.make_manager(str(tmp_path / "ck"))
+  ckpt.save(manager, 2, _tree(2))
+  os.makedirs(tmp_path / "ck" / "4.orbax-checkpoint-tmp" / "state")
+  absl_logger, hook = logging.get_absl_logger(), sys.unraisablehook
+  filters, level = list(absl_logger.filters), py_logging.getLogger().level
+  verbosity = logging.get_verbosity()
+  try:
+    cli.set_console(verbose)
+    ckpt.save(manager, 4, _tree(4))
+  finally:  # the console settings are process-wide: put them back for the other tests
+    absl_logger.filters[:] = filters
+    sys.unraisablehook = hook
+    py_logging.getLogger().setLevel(level)
+    logging.set_verbosity(verbosity)
+  said = "Removing existing directory since it is not finalized" in caplog.text
+  assert said == verbose and manager.all_steps() == [2, 4]
 
 
 # ----------------------------------------------------------------------------- data
