@@ -260,6 +260,7 @@ class Run:
   batches: Any = None
   writer: Optional[run_log.MetricsWriter] = None
   last_loss: Any = None
+  kd_teacher: Any = None  # method +kd: the frozen FP variables of init_from
 
   @property
   def steps_per_epoch(self) -> int:
@@ -363,8 +364,11 @@ def train_loop(run: Run) -> None:
   """Trains from run.progress.step to stop_at_step or the end, logging, evaluating and
   checkpointing on the config's schedule; a checkpoint is written at the last step."""
   config, total = run.config, run.total_steps
+  if run.method.kd and run.kd_teacher is None:  # also after a resume: read init_from again
+    run.kd_teacher = _init_from_fp(run.state, config.init_from)[0].variables()
   train_step = train_lib.make_train_step(run.model, run.tx, loss_config(config),
-                                         run.data["info"].num_classes)
+                                         run.data["info"].num_classes,
+                                         teacher_variables=run.kd_teacher)
   eval_step = make_eval_step(run)
   start = run.progress.step
   run.rstate = train_lib.replicate(run.state, run.num_devices)

@@ -23,18 +23,21 @@ from qgnn_jax.models import FEATURE_TAPS, LAYER_GROUPS, create_model
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A parsed method string: 'fp', '<quantizer>' or '<quantizer>+aqd+sqd' (any order of
-  the distillation terms). quantizer: a registry name (`qgnn_jax.quant.QUANTIZERS`), or
-  None for full precision."""
+  the distillation terms aqd, sqd and kd). quantizer: a registry name
+  (`qgnn_jax.quant.QUANTIZERS`), or None for full precision. kd: classic knowledge
+  distillation from the frozen FP model QAT starts from (config.init_from)."""
   quantizer: Optional[str]
   aqd: bool = False
   sqd: bool = False
+  kd: bool = False
 
   @property
   def quantized(self) -> bool:
     return self.quantizer is not None
 
   def __str__(self) -> str:
-    parts = [self.quantizer or "fp"] + ["aqd"] * self.aqd + ["sqd"] * self.sqd
+    parts = [self.quantizer or "fp"] + ["aqd"] * self.aqd + ["sqd"] * self.sqd + \
+        ["kd"] * self.kd
     return "+".join(parts)
 
 
@@ -43,11 +46,12 @@ def parse_method(method: str) -> Method:
   parts = str(method).split("+")
   base, extras = parts[0], parts[1:]
   valid = ("fp",) + quant.QUANTIZERS.names()
-  if base not in valid or not set(extras) <= {"aqd", "sqd"} or len(set(extras)) != len(extras) \
-      or (base == "fp" and extras):
-    raise ValueError(f"method={method!r}; valid: one of {valid}, then optionally +aqd and/or "
-                     f"+sqd after a quantizer (e.g. pq+aqd+sqd)")
-  return Method(None if base == "fp" else base, "aqd" in extras, "sqd" in extras)
+  if base not in valid or not set(extras) <= {"aqd", "sqd", "kd"} \
+      or len(set(extras)) != len(extras) or (base == "fp" and extras):
+    raise ValueError(f"method={method!r}; valid: one of {valid}, then optionally +aqd, +sqd "
+                     f"and/or +kd after a quantizer (e.g. pq+aqd+sqd)")
+  return Method(None if base == "fp" else base, "aqd" in extras, "sqd" in extras,
+                "kd" in extras)
 
 
 # The ops of each LAYER_GROUPS group whose input comes straight out of a GELU (bounded
@@ -123,7 +127,8 @@ def loss_config(config) -> train_lib.LossConfig:
       beta=float(config.sqd_beta) if m.sqd else 0.0, bypass_prob=float(config.sqd_p),
       temperature=float(config.sqd_temperature), label_smoothing=float(config.label_smoothing),
       feature_taps=FEATURE_TAPS, aqd_form=str(config.aqd_form), sqd_form=str(config.sqd_form),
-      sqd_act_bits=parse_sqd_bits(config.sqd_bits, int(config.a_bits)))
+      sqd_act_bits=parse_sqd_bits(config.sqd_bits, int(config.a_bits)),
+      kd_weight=float(config.kd_weight) if m.kd else 0.0)
 
 
 def build_model(config, num_classes: int, axis_name: Optional[str] = None

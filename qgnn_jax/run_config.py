@@ -162,6 +162,7 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "aqd_alpha": _real(0), "aqd_tau": _real(0, lo_open=True), "sqd_beta": _real(0),
     "sqd_p": _real(0, 1), "sqd_temperature": _real(0, lo_open=True),
     "aqd_form": _distill_form, "sqd_form": _distill_form, "sqd_bits": _sqd_bits,
+    "kd_weight": _real(0),
     "label_smoothing": _real(0, 1, hi_open=True),
     # optimisation
     "optimizer": _one_of(OPTIMIZERS), "lr": _real(0, lo_open=True), "quant_lr": _real(),
@@ -220,6 +221,10 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
     raise _bad("num_epochs", fields["num_epochs"], "valid: > 0 (or set num_steps > 0)")
   if fields["eval_on"] == "validation" and fields["val_holdout"] == 0:
     raise _bad("eval_on", "validation", "needs val_holdout > 0 (images held out of train)")
+  if "kd" in str(fields["method"]).split("+") and not fields["init_from"] \
+      and not fields["pretrain_fp_epochs"]:
+    raise _bad("method", fields["method"], "+kd distils from the FP model QAT starts from: "
+                                           "set config.init_from (or pretrain_fp_epochs)")
   if check_init_from and fields["init_from"]:
     from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
     try:
@@ -249,7 +254,8 @@ _ABSENT = "(absent)"
 LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": False,
                                      "source": "", "aqd_form": "channel_mse",
                                      "sqd_form": "bypass_kl", "sqd_bits": "auto",
-                                     "ptq": False, "ptq_batches": 8, "ptq_search": "mse"}
+                                     "kd_weight": 1.0, "ptq": False, "ptq_batches": 8,
+                                     "ptq_search": "mse"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:

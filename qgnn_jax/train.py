@@ -57,7 +57,9 @@ class LossConfig:
   teacher's per-site (stochastic_channels: per-channel) full-precision probability, KD
   temperature. aqd_form / sqd_form: names in `distill.AQD_FORMS` / `distill.SQD_FORMS`;
   sqd_act_bits: speq's activation bit choices besides each site's own (None = full
-  precision). A zero weight removes that teacher pass from the program. tau,
+  precision). kd_weight: classic knowledge distillation from a separate, frozen FP model
+  (T^2 KL at `temperature`; `make_train_step`'s teacher_variables). A zero weight removes
+  that teacher pass from the program. tau,
   bypass_prob and temperature default to the ablation's validation winners (SPEC's
   starting point: 1, 0.5, 1); the run configs set alpha = 0.1, beta = 3 for aqd / sqd.
   """
@@ -72,6 +74,7 @@ class LossConfig:
   aqd_form: str = "channel_mse"
   sqd_form: str = "bypass_kl"
   sqd_act_bits: Tuple[Optional[int], ...] = ()
+  kd_weight: float = 0.0
 
   def __post_init__(self):
     if self.student_mode not in ("fp", "quant"):
@@ -221,7 +224,7 @@ def unreplicate(tree: Any) -> Any:
 
 def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax.Array,
                      quant_rng: jax.Array, model: qat.QuantizedModel, loss_cfg: LossConfig,
-                     num_classes: int):
+                     num_classes: int, teacher_variables: Any = None):
   """L = CE(z_s, y) + alpha * AQD + beta * SQD on one device's batch.
 
   drop_rng drives dropout / drop-path (per device); quant_rng the SQD teacher's
@@ -264,6 +267,13 @@ def loss_and_metrics(params: Any, state: TrainState, batch: Batch, drop_rng: jax
                                                         loss_cfg.temperature)
     loss = loss + loss_cfg.beta * sqd
     metrics["sqd"] = sqd
+  if loss_cfg.kd_weight > 0:
+    # A separate frozen model (e.g. the FP checkpoint QAT started from), in eval mode.
+    kd_logits = model.apply(jax.lax.stop_gradient(teacher_variables), images, train=False,
+                            mode="fp", axis_name=AXIS)
+    kd = distill.kl(logits, kd_logits, loss_cfg.temperature)
+    loss = loss + loss_cfg.kd_weight * kd
+    metrics["kd"] = kd
   metrics["loss"] = loss
   return loss, (metrics, new_state)
 
@@ -275,13 +285,15 @@ def _step_rngs(state: TrainState) -> Tuple[jax.Array, jax.Array]:
   return jax.random.fold_in(drop_key, jax.lax.axis_index(AXIS)), quant_key
 
 
-def train_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,
-               tx: optax.GradientTransformation, loss_cfg: LossConfig,
-               num_classes: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, teacher_variables: Any = None, *,
+               model: qat.QuantizedModel, tx: optax.GradientTransformation,
+               loss_cfg: LossConfig, num_classes: int
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimisation step on one device's shard; call through `make_train_step`."""
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
   (_, (metrics, new_model_state)), grads = grad_fn(
-      state.params, state, batch, *_step_rngs(state), model, loss_cfg, num_classes)
+      state.params, state, batch, *_step_rngs(state), model, loss_cfg, num_classes,
+      teacher_variables)
   grads = jax.lax.pmean(grads, AXIS)
   metrics["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -297,15 +309,30 @@ def train_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, loss_cfg: LossConfig,
-                    num_classes: int) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict]]:
+                    num_classes: int, teacher_variables: Any = None
+                    ) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict]]:
   """pmap-ed, state-donating train step: (replicated state, (D, B/D, ...) batch) -> (state, metrics).
 
   `model`: any linen module taking (images, train=...) quantized with
   `qat.quantize_model(model, rules)` (a plain module trains in full precision).
+  teacher_variables: the frozen KD teacher's variables (same model, run in full
+  precision; unreplicated), needed when loss_cfg.kd_weight > 0; replicated once here.
   """
   fn = functools.partial(train_step, model=as_quantized(model), tx=tx, loss_cfg=loss_cfg,
                          num_classes=num_classes)
-  return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
+  if loss_cfg.kd_weight <= 0:
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
+  if teacher_variables is None:
+    raise ValueError("loss_cfg.kd_weight > 0 needs teacher_variables (the frozen FP model's)")
+  step = jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
+  teacher = None
+
+  def with_teacher(state, batch):
+    nonlocal teacher
+    if teacher is None:  # replicated on the first call, onto as many devices as the state
+      teacher = replicate(teacher_variables, jax.tree.leaves(state)[0].shape[0])
+    return step(state, batch, teacher)
+  return with_teacher
 
 
 def eval_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,

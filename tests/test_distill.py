@@ -283,7 +283,7 @@ def test_teacher_passes_leave_the_students_statistics(aqd_form, sqd_form):
 def _dots(cfg):
   model, _, state, batch = _tiny_setup()
   fn = lambda p: T.loss_and_metrics(p, state, batch, jax.random.key(1), jax.random.key(2),
-                                    model, cfg, CLASSES)[0]
+                                    model, cfg, CLASSES, state.variables())[0]
   return str(jax.make_jaxpr(fn, axis_env=[(T.AXIS, 1)])(state.params)).count("dot_general")
 
 
@@ -305,3 +305,38 @@ def test_speq_draws_the_students_bits_too_and_refuses_learned_steps():
   with pytest.raises(ValueError, match="range quantizer"):
     qm.apply(v, x, mode="stochastic", teacher=qat.TeacherDraw("precision", 0.0, (4,)),
              rngs={"quant": jax.random.key(0)})
+
+
+def test_kd_from_a_frozen_fp_model_is_the_kl_to_its_eval_logits():
+  model, tx, state, batch = _tiny_setup()
+  # A teacher that differs from the student's own weights: the state's params, perturbed.
+  teacher = jax.tree.map(lambda x: x * 1.1, state.variables())
+  cfg = T.LossConfig("quant", kd_weight=0.5, temperature=2.0)
+  fn = lambda p, tv: T.loss_and_metrics(p, state, batch, jax.random.key(1), jax.random.key(2),
+                                        model, cfg, CLASSES, tv)
+  (loss, (metrics, _)) = jax.vmap(fn, in_axes=(None, None), axis_name=T.AXIS, axis_size=1)(
+      state.params, teacher)
+  plain = qat.quantize_model(_Tokens(), model.rules)
+  z_s, _ = plain.apply(state.variables(), batch["image"], train=True, mode="quant",
+                       mutable=["batch_stats", "quant_stats"])
+  z_t = plain.apply(teacher, batch["image"], train=False, mode="fp")
+  np.testing.assert_allclose(metrics["kd"][0], distill.kl(z_s, z_t, 2.0), rtol=1e-4)
+  np.testing.assert_allclose(loss[0], metrics["ce"][0] + 0.5 * metrics["kd"][0], rtol=1e-6)
+  # Only the student is differentiated; the pass is absent when its weight is 0.
+  g_t = jax.grad(lambda tv: jax.vmap(fn, in_axes=(None, None), axis_name=T.AXIS,
+                                     axis_size=1)(state.params, tv)[0][0])(teacher)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_t))
+  assert _dots(T.LossConfig("quant", kd_weight=1.0)) == 2 * _dots(T.LossConfig("quant"))
+  with pytest.raises(ValueError, match="teacher_variables"):
+    T.make_train_step(model, tx, cfg, CLASSES)
+
+
+def test_kd_method_needs_init_from():
+  from experiments.configs.common import base_config  # pylint: disable=g-import-not-at-top
+  from qgnn_jax import recipe, run_config  # pylint: disable=g-import-not-at-top
+  assert recipe.parse_method("pq+aqd+kd") == recipe.Method("pq", aqd=True, kd=True)
+  c = base_config()
+  c.method = "pq+kd"
+  with pytest.raises(run_config.ConfigError, match="init_from"):
+    run_config.validate(c)
+  assert recipe.loss_config(c).kd_weight == 1.0

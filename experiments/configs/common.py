@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.aqd_form = "channel_mse"
   c.sqd_form = "bypass_kl"
   c.sqd_bits = "auto"
+  # Classic KD from the frozen FP model of init_from (method '...+kd'): its weight; the
+  # temperature is sqd_temperature.
+  c.kd_weight = 1.0
   c.label_smoothing = 0.0
   # Optimisation
   c.optimizer = "adamw"      # adamw | sgd

@@ -1,0 +1,219 @@
+"""The distillation regime study (issue 21): screen the forms, run the regimes, report.
+
+    python -m experiments.distill_regimes \
+        --config experiments/configs/fashion_mnist_distill_regimes.py \
+        --workdir runs/regimes --out experiments/results/fashion_mnist [--parallel 2]
+
+Every run is an `experiments.run` subprocess (`experiments.sweep_exec.execute`: skipped when
+its results.json exists, refused when its config.json disagrees with the plan), so the
+study resumes after a crash. The plan functions are pure; `main` runs and reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import sweep_report
+from experiments.sweep_exec import execute
+from experiments.sweep_plan import Run, _fmt
+
+config_flags.DEFINE_config_file("config", None, "Regime study config (get_config()).")
+flags.DEFINE_string("workdir", "runs/regimes", "Where the runs' workdirs go.")
+flags.DEFINE_string("out", "experiments/results/fashion_mnist", "Where the CSV and plot go.")
+flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+flags.DEFINE_string("phases", "screen,final,report", "Phases to run, in order.")
+flags.DEFINE_string("regimes", "", "Final phase: only these regimes (default: all, in "
+                    "the config's regime_order).")
+
+CSV_FIELDS = ("regime", "method", "aqd_form", "sqd_form", "alpha", "beta", "seed", "w_bits",
+              "a_bits", "split", "top1", "step_s", "run")
+BASELINE = {"aqd_form": "channel_mse", "aqd_alpha": 0.0, "sqd_form": "bypass_kl",
+            "sqd_beta": 0.0}
+
+
+def parse_points(spec: str) -> List[Tuple[str, float]]:
+  """'channel_mse:0.3,speq:1' -> [('channel_mse', 0.3), ('speq', 1.0)]."""
+  out = []
+  for item in filter(None, spec.split(",")):
+    form, _, weight = item.partition(":")
+    out.append((form, float(weight)))
+  return out
+
+
+def regime_overrides(cfg, regime: str) -> Dict[str, str]:
+  """The config overrides of a regime (init_from: the FP checkpoint, or none)."""
+  if regime not in cfg.regimes:
+    raise ValueError(f"regime {regime!r}; valid: {sorted(cfg.regimes)}")
+  spec = dict(cfg.regimes[regime])
+  from_fp = spec.pop("init_from_fp")
+  ov = {k: _fmt(v) for k, v in {**dict(cfg.fixed), **spec}.items()}
+  ov["init_from"] = cfg.fp_workdir if from_fp else ""
+  return ov
+
+
+def make_run(cfg, regime: str, method: str, seed: int, split: str,
+             aqd: Tuple[str, float] = None, sqd: Tuple[str, float] = None) -> Run:
+  """One run; aqd / sqd: (form, weight) for the method's terms (required when it has them)."""
+  parts = method.split("+")
+  if ("aqd" in parts) != (aqd is not None) or ("sqd" in parts) != (sqd is not None):
+    raise ValueError(f"method {method!r} with aqd={aqd}, sqd={sqd}: give a (form, weight) "
+                     f"for exactly the terms the method names")
+  ov = {"method": method, "w_bits": str(cfg.bits), "a_bits": str(cfg.bits), "seed": str(seed),
+        "eval_on": split, **regime_overrides(cfg, regime),
+        **{k: _fmt(v) for k, v in BASELINE.items()}}
+  tag = ""
+  if aqd:
+    ov.update(aqd_form=aqd[0], aqd_alpha=_fmt(aqd[1]))
+    tag += f"_{aqd[0]}{_fmt(aqd[1])}"
+  if sqd:
+    ov.update(sqd_form=sqd[0], sqd_beta=_fmt(sqd[1]))
+    tag += f"_{sqd[0]}{_fmt(sqd[1])}"
+  name = f"{regime}_{method.replace('+', '_')}{tag}_s{seed}_{split[:4]}"
+  return Run(name, tuple(sorted(ov.items())))
+
+
+def screen_runs(cfg) -> List[Run]:
+  """pq, each AQD point (pq+aqd) and each SQD point (pq+sqd): screen regime, seed 0, validation."""
+  r = cfg.screen_regime
+  return ([make_run(cfg, r, "pq", 0, "validation")] +
+          [make_run(cfg, r, "pq+aqd", 0, "validation", aqd=p) for p in parse_points(cfg.aqd_points)] +
+          [make_run(cfg, r, "pq+sqd", 0, "validation", sqd=p) for p in parse_points(cfg.sqd_points)])
+
+
+def pick(cfg, results: Sequence[Optional[dict]]) -> Dict[str, Tuple[str, float]]:
+  """The best (form, weight) of each term by validation top-1 (ties: the first listed)."""
+  runs = screen_runs(cfg)
+  best: Dict[str, Tuple[float, Tuple[str, float]]] = {}
+  for run, res in zip(runs, results):
+    if res is None:
+      continue
+    ov = dict(run.overrides)
+    for term, weight_field in (("aqd", "aqd_alpha"), ("sqd", "sqd_beta")):
+      if term in ov["method"].split("+"):
+        point = (ov[f"{term}_form"], float(ov[weight_field]))
+        if term not in best or res["top1"] > best[term][0]:
+          best[term] = (res["top1"], point)
+  return {t: p for t, (_, p) in best.items()}
+
+
+def final_runs(cfg, winners: Dict[str, Tuple[str, float]], regimes: Sequence[str]) -> List[Run]:
+  """Every regime x method x seed on the test set (seed-major within a regime)."""
+  if missing := [t for t in ("aqd", "sqd") if t not in winners]:
+    raise ValueError(f"no screen result for {missing}: run the screen phase first")
+  runs = []
+  for regime in regimes:
+    for seed in range(int(cfg.seeds)):
+      for method in cfg.methods.split(","):
+        parts = method.split("+")
+        runs.append(make_run(cfg, regime, method, seed, "test",
+                             aqd=winners["aqd"] if "aqd" in parts else None,
+                             sqd=winners["sqd"] if "sqd" in parts else None))
+  return runs
+
+
+def csv_row(run: Run, res: dict) -> dict:
+  ov = dict(run.overrides)
+  parts = ov["method"].split("+")
+  steps = max(int(res.get("train_steps", 0)), 1)
+  return {"regime": run.name.split("_", 1)[0], "method": ov["method"],
+          "aqd_form": ov["aqd_form"] if "aqd" in parts else "",
+          "sqd_form": ov["sqd_form"] if "sqd" in parts else "",
+          "alpha": ov["aqd_alpha"] if "aqd" in parts else "",
+          "beta": ov["sqd_beta"] if "sqd" in parts else "",
+          "seed": ov["seed"], "w_bits": ov["w_bits"], "a_bits": ov["a_bits"],
+          "split": ov["eval_on"], "top1": f"{100 * res['top1']:.2f}",
+          "step_s": f"{float(res.get('train_seconds', 0.0)) / steps:.3f}", "run": run.name}
+
+
+def verdicts(rows: Sequence[dict]) -> List[dict]:
+  """Per regime and distillation method on the test set: mean gain over pq and whether it
+  helps (issue 21's rule: mean gain >= +0.3 pt, larger than both cells' std, >= 3 seeds)."""
+  cells: Dict[Tuple[str, str], List[float]] = {}
+  for r in rows:
+    if r["split"] == "test":
+      cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  out = []
+  for (regime, method), xs in sorted(cells.items()):
+    base = cells.get((regime, "pq"))
+    if method == "pq" or not base:
+      continue
+    m, s = sweep_report.mean_std(xs)
+    bm, bs = sweep_report.mean_std(base)
+    gain = m - bm
+    enough = len(xs) >= 3 and len(base) >= 3
+    out.append({"regime": regime, "method": method, "n": len(xs), "top1": m, "std": s,
+                "pq": bm, "pq_std": bs, "gain": gain,
+                "helps": enough and gain >= 0.3 and gain > max(s, bs)})
+  return out
+
+
+def plot(rows: Sequence[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  cells: Dict[Tuple[str, str], List[float]] = {}
+  for r in rows:
+    if r["split"] == "test":
+      cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  regimes = sorted({k[0] for k in cells})
+  methods = ["pq", "pq+aqd", "pq+sqd", "pq+aqd+sqd"]
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  width = 0.2
+  for i, m in enumerate(methods):
+    xs = [j + (i - 1.5) * width for j in range(len(regimes))]
+    vals = [cells.get((r, m), []) for r in regimes]
+    means = [statistics.mean(v) if v else float("nan") for v in vals]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+    ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
+    for x, v in zip(xs, vals):
+      ax.plot([x] * len(v), v, "k.", ms=3)
+  ax.set_xticks(range(len(regimes)), regimes)
+  ax.set_ylabel("test top-1 (%)")
+  lo = min((min(v) for v in cells.values()), default=0)
+  hi = max((max(v) for v in cells.values()), default=100)
+  ax.set_ylim(lo - 1, hi + 0.5)
+  ax.set_title("Fashion-MNIST W2A2, vig_tiny_28: does distillation help? (mean, std, seeds)")
+  ax.legend(fontsize=8, ncol=4, loc="lower center")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  cfg = flags.FLAGS.config
+  if cfg is None:
+    raise app.UsageError("--config is required, e.g. "
+                         "experiments/configs/fashion_mnist_distill_regimes.py")
+  workdir, out, parallel = flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.parallel
+  phases = flags.FLAGS.phases.split(",")
+  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(out, exist_ok=True)
+  if not os.path.exists(os.path.join(cfg.fp_workdir, "results.json")):
+    raise app.UsageError(f"the FP checkpoint {cfg.fp_workdir} has no results.json yet")
+  screen = screen_runs(cfg)
+  screen_res = execute(screen, cfg, workdir, parallel, "screen" in phases)
+  winners = pick(cfg, screen_res)
+  print("screen winners:", winners, flush=True)
+  with open(os.path.join(out, "distill_regimes_winners.json"), "w") as f:
+    json.dump({t: {"form": p[0], "weight": p[1]} for t, p in winners.items()}, f, indent=2)
+  regimes = (flags.FLAGS.regimes or cfg.regime_order).split(",")
+  final = final_runs(cfg, winners, regimes) if len(winners) == 2 else []
+  final_res = execute(final, cfg, workdir, parallel, "final" in phases)
+  rows = [csv_row(r, res) for r, res in zip(screen + final, screen_res + final_res) if res]
+  sweep_report.write_csv(os.path.join(out, "distill_regimes.csv"), rows, CSV_FIELDS)
+  if any(r["split"] == "test" for r in rows):
+    plot(rows, os.path.join(out, "distill_regimes.png"))
+  for v in verdicts(rows):
+    print(f"{v['regime']} {v['method']}: {v['top1']:.2f} +- {v['std']:.2f} (n={v['n']}) vs pq "
+          f"{v['pq']:.2f} +- {v['pq_std']:.2f}: gain {v['gain']:+.2f} -> "
+          f"{'helps' if v['helps'] else 'does not help'}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
