@@ -13,6 +13,7 @@ import re
 from typing import Optional, Sequence, Tuple, Union
 
 from qgnn_jax import quant
+from qgnn_jax.quant.quantizers import DEFAULT_LAM
 from qgnn_jax.quant.registry import GRIDS, OperandSpec, Quantizer
 
 GRANULARITIES = ("tensor", "channel")
@@ -41,7 +42,8 @@ class QuantRule:
     range_grad: range quantizers (PQ, min-max) pass the clipped region's gradient to
       the range and through PQ's mu, sigma to the operand (False, the default and
       SPEC's: stop-gradient, the range is a constant).
-    lam: PQ's lambda (clip at mu +- lam sigma); 2.5 won the W2A2 validation sweep.
+    lam: PQ's lambda (clip at mu +- lam sigma); default `quant.DEFAULT_LAM` (2.5, the
+      W2A2 validation winner; docs/METHOD.md, "One lambda default").
     ema_momentum: of the activation-range EMA used at evaluation, in [0, 1).
     op_names: restrict the rule to these ops (subset of OPS); empty = all.
   """
@@ -56,7 +58,7 @@ class QuantRule:
   a_symmetric: bool = False
   a_grid: str = "signed"
   range_grad: bool = False
-  lam: float = 2.5
+  lam: float = DEFAULT_LAM
   ema_momentum: float = 0.9
   op_names: Tuple[str, ...] = ()
 

@@ -12,7 +12,8 @@ Registry (`registry.py`): QUANTIZERS maps a method name to its entry (`Quantizer
 from qgnn_jax.quant import lsq, minmax, n2uq, pq
 from qgnn_jax.quant.integer import (dequantize, pack_bits, packed_nbytes, quantize_int,
                                     unpack_bits)
-from qgnn_jax.quant.quantizers import (LSQ_MIN_STEP, MAX_BITS, MIN_BITS, check_finite,
+from qgnn_jax.quant.quantizers import (DEFAULT_LAM, LSQ_MIN_STEP, MAX_BITS, MIN_BITS,
+                                       PAUTA_CRITERION_LAM, check_finite,
                                        fake_quant, lsq_bounds, lsq_init_step, lsq_plus_init,
                                        lsq_quantize,
                                        lsq_range, minmax_quantize, minmax_range,
@@ -31,7 +32,7 @@ unregister = QUANTIZERS.unregister
 get_quantizer = QUANTIZERS.get
 
 __all__ = [
-    "MIN_BITS", "MAX_BITS", "LSQ_MIN_STEP",
+    "MIN_BITS", "MAX_BITS", "LSQ_MIN_STEP", "DEFAULT_LAM", "PAUTA_CRITERION_LAM",
     "fake_quant", "pauta_range", "pauta_quantize", "minmax_range", "minmax_quantize",
     "lsq_bounds", "lsq_range", "lsq_quantize", "lsq_init_step", "lsq_plus_init",
     "stochastic_round",

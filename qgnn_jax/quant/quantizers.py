@@ -47,9 +47,16 @@ MIN_BITS = 2
 MAX_BITS = 16
 # Smallest step lsq_init_step returns (for an all-zero tensor).
 LSQ_MIN_STEP = 1e-8
+# PQ's lambda. DEFAULT_LAM is the library's (QuantRule, OperandSpec, the run configs): the
+# W2A2 validation winner for QAT. PAUTA_CRITERION_LAM is the Pauta criterion itself (the
+# 3-sigma rule), the default of the bare functions pauta_range / pauta_quantize that are
+# named after it. Post-training quantization searches lambda per site instead
+# (qgnn_jax.qat.ptq). docs/METHOD.md, "One lambda default".
+DEFAULT_LAM = 2.5
+PAUTA_CRITERION_LAM = 3.0
 
 __all__ = [
-    "MIN_BITS", "MAX_BITS", "validate_bits", "validate_lam", "validate_channel_axis",
+    "MIN_BITS", "MAX_BITS", "DEFAULT_LAM", "PAUTA_CRITERION_LAM", "validate_bits", "validate_lam", "validate_channel_axis",
     "check_finite", "fake_quant", "pauta_range", "pauta_quantize", "minmax_range",
     "minmax_quantize", "lsq_bounds", "lsq_range", "lsq_quantize", "lsq_init_step",
     "lsq_plus_init", "stochastic_round",
@@ -452,7 +459,7 @@ def _empty_range(x, axis):
   return z, z
 
 
-def pauta_range(x: ArrayLike, lam: float = 3.0, channel_axis: Optional[int] = None,
+def pauta_range(x: ArrayLike, lam: float = PAUTA_CRITERION_LAM, channel_axis: Optional[int] = None,
                 symmetric: bool = False, stop_grad: bool = True) -> Tuple[Array, Array]:
   """Clipping range of Pauta quantization (the lambda-sigma rule, SPEC §1.1).
 
@@ -498,7 +505,7 @@ def pauta_range(x: ArrayLike, lam: float = 3.0, channel_axis: Optional[int] = No
   return lo, hi
 
 
-def pauta_quantize(x: ArrayLike, bits: int, lam: float = 3.0,
+def pauta_quantize(x: ArrayLike, bits: int, lam: float = PAUTA_CRITERION_LAM,
                    channel_axis: Optional[int] = None, symmetric: bool = False) -> Array:
   """Pauta quantization: ``fake_quant(x, *pauta_range(x, lam, ...), bits)``.
 

@@ -33,7 +33,7 @@ from typing import ClassVar, Dict, Iterable, Optional, Tuple
 
 import jax
 
-from qgnn_jax.quant.quantizers import validate_bits, validate_lam
+from qgnn_jax.quant.quantizers import DEFAULT_LAM, validate_bits, validate_lam
 
 Array = jax.Array
 State = Dict[str, Array]
@@ -59,7 +59,7 @@ class OperandSpec:
   bits: int = 4
   symmetric: bool = False
   per_channel: bool = False
-  lam: float = 2.5
+  lam: float = DEFAULT_LAM
   role: str = "act"
   grid: str = "signed"
   range_grad: bool = False
