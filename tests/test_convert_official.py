@@ -171,6 +171,29 @@ def test_pth_without_torch_says_how_to_get_it(tmp_path):
     official.read_state_dict(str(path))
 
 
+def test_pth_reads_like_npz_when_torch_is_installed(tmp_path):
+  """The `torch` extra: a state dict saved by torch (nested under 'state_dict', with
+  DataParallel's 'module.' prefix, one tensor bfloat16) reads back as the same arrays; a
+  truncated .pth is refused in one line."""
+  torch = pytest.importorskip("torch")
+  sd, *_ = load_fixture("vig")
+  tensors = {"module." + k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+  tensors["module.pos_embed"] = tensors["module.pos_embed"].to(torch.bfloat16)
+  path = tmp_path / "vig.pth"
+  torch.save({"state_dict": tensors, "epoch": 300}, path)
+  got = official.read_state_dict(str(path))
+  assert set(got) == set(sd)
+  for k, v in sd.items():
+    want = tensors["module." + k].float().numpy() if k == "pos_embed" else v
+    np.testing.assert_array_equal(got[k], want, err_msg=k)
+  assert got["pos_embed"].dtype == np.float32  # bfloat16 read as float32
+  data = path.read_bytes()
+  (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+  with pytest.raises(official.ConversionError, match="truncated or corrupt") as e:
+    official.read_state_dict(str(tmp_path / "cut.pth"))
+  assert "\n" not in str(e.value)
+
+
 def _bad_files(tmp_path):
   """{case: (path, model kind)} of broken official files."""
   sd, *_ = load_fixture("vig")
@@ -353,3 +376,82 @@ def test_the_official_code_itself(tmp_path, forward):
     err = rel_err(forward(model)({**v, NEIGHBORS: official.neighbors_variables(model, knn)},
                                  x), ref)
     assert err <= RTOL, (kind, err)
+
+
+@pytest.mark.slow
+def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
+  """convert -> post-training quantization (calibration from the converted weights, W8A8)
+  -> 2 QAT steps (W4A4 PQ) -> evaluate -> export -> integer inference, on tfds mock
+  imagenet2012 through the 224-px pipeline (random-resized crop for training, resize +
+  centre crop for evaluation). The state dict is ours in the official layout (no torch
+  here); the converter's equality with the official code is the tests above."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from experiments.configs.common import base_config  # pylint: disable=import-outside-toplevel
+  from helpers import host_variables  # pylint: disable=import-outside-toplevel
+  from qgnn_jax import experiment, export  # pylint: disable=import-outside-toplevel
+  from qgnn_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("QGNN_DATA_DIR", raising=False)
+  data_dir = tmp_path / "tfds"
+  for name in ("imagenet2012", "imagenette"):
+    (data_dir / name).mkdir(parents=True)
+  model = models.create_model("vig_ti_224", 1000)
+  v = host_variables(model, jnp.zeros((1, 224, 224, 3)))
+  sd_path = str(tmp_path / "vig_ti_official.npz")
+  np.savez(sd_path, **official.export_state_dict(
+      {"params": v["params"], "batch_stats": v["batch_stats"]}, model))
+
+  def config(**kw):
+    c = base_config()
+    c.dataset, c.data_dir, c.model = "imagenet2012", str(data_dir), "vig_ti_224"
+    c.batch_size = c.eval_batch_size = 4
+    c.progress, c.eval_every_epochs, c.checkpoint_every, c.log_every = False, 0.0, 1000, 1
+    c.update(kw)
+    return c
+
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    fp_wd = str(tmp_path / "fp")
+    out = official.convert_checkpoint(sd_path, "vig_ti_224", fp_wd, config())
+    assert out["num_classes"] == 1000 and out["params"] == 7_184_744
+    with pytest.raises(official.ConversionError, match="1000 classes, dataset 'imagenette'"):
+      official.convert_checkpoint(sd_path, "vig_ti_224", str(tmp_path / "nette"),
+                                  config(dataset="imagenette"))
+    fp_eval = experiment.evaluate_checkpoint(fp_wd)
+    assert fp_eval["count"] == 8 and np.isfinite(fp_eval["loss"])
+
+    # Post-training quantization: W8A8 PQ calibrated on one batch of the converted weights.
+    ptq = config(method="pq", w_bits=8, a_bits=8, init_from=fp_wd, num_steps=1)
+    run = experiment.setup(ptq, str(tmp_path / "ptq"))
+    try:
+      experiment.restore_or_init(run)  # init_from + calibration
+    finally:
+      run.manager.close()
+    assert run.progress.fp_top1 is None and jax.tree.leaves(run.state.quant_stats)
+    ptq_eval = experiment.evaluate(experiment.make_eval_step(run),
+                                   train_lib.replicate(run.state, run.num_devices),
+                                   run.data["eval"]())
+    assert ptq_eval["count"] == 8 and np.isfinite(ptq_eval["loss"])
+
+    # Two QAT steps from the converted workdir, then evaluate, export, integer inference.
+    qat_wd = str(tmp_path / "qat")
+    res = experiment.train_and_evaluate(config(method="pq", init_from=fp_wd, num_steps=2),
+                                        qat_wd)
+    assert res["train_steps"] == 2 and np.isfinite(res["eval_loss"])
+    ev = experiment.evaluate_checkpoint(qat_wd)
+    assert ev["step"] == 2 and ev["top1"] == res["top1"]
+    qgx = str(tmp_path / "vig_ti_w4a4.qgx")
+    ex = export.export_workdir(qat_wd, qgx)
+    assert ex["sites"] > 0 and ex["bytes"] < ex["bytes_fp32"]
+    exported = export.load(qgx)
+    assert exported.integer_sites == ex["sites"]
+    # As tests/test_export.py: the dequantized path is fake quantization to float rounding;
+    # the integer path predicts the same classes (its logits differ where rounding flips a
+    # k-NN choice between near-equal candidates).
+    fake_fn, fake_vars = export.checkpoint_fn(qat_wd)
+    integer_fn, dequantized_fn = exported.apply_fn(True), exported.apply_fn(False)
+    for batch in run.data["eval"]():
+      x = jnp.asarray(batch["image"][0])
+      ref = np.asarray(fake_fn(fake_vars, x))
+      np.testing.assert_allclose(np.asarray(dequantized_fn(exported.variables, x)), ref,
+                                 rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+      out = np.asarray(integer_fn(exported.variables, x))
+      assert np.isfinite(out).all() and (out.argmax(-1) == ref.argmax(-1)).all()
