@@ -49,6 +49,7 @@ load). A table is printed with each method's step time relative to fp and pq.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -254,11 +255,17 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
     # three passes of AQD/SQD) and XLA's compile are timed apart; the compiled step is the
     # one timed below (same program as the jitted call's).
     t0 = time.perf_counter()
-    lowered = train_lib.make_train_step(model, tx, loss_config(method), num_classes).lower(
-        rstate, data)
+    step = train_lib.make_train_step(model, tx, loss_config(method), num_classes,
+                                     teacher_variables=state.variables(), num_devices=n_dev)
+    # +kd: the frozen teacher's variables (here the initial ones: the same cost) are
+    # bound as the pmap-ed function's first argument.
+    bound = getattr(step, "args", ())
+    lowered = getattr(step, "func", step).lower(*bound, rstate, data)
     t1 = time.perf_counter()
-    train_step = lowered.compile()
+    compiled = lowered.compile()
+    train_step = functools.partial(compiled, *bound)
     t2 = time.perf_counter()
+    memory = compiled.memory_analysis()
     (rstate, _), first_step_s = _timed(lambda: train_step(rstate, data))
     lower_s, xla_compile_s = t1 - t0, t2 - t1
     compile_s = lower_s + xla_compile_s + first_step_s
@@ -279,6 +286,8 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
         jax.block_until_ready(fixed_step(rstate, data))
     runs.append(dict(method=method, train_step=train_step, eval_step=eval_step,
                      fixed_step=fixed_step, state=rstate, compile_s=compile_s,
+                     temp_bytes=getattr(memory, "temp_size_in_bytes", None),
+                     arg_bytes=getattr(memory, "argument_size_in_bytes", None),
                      lower_s=lower_s, xla_compile_s=xla_compile_s, first_step_s=first_step_s,
                      eval_compile_s=eval_compile_s, t_train=[], t_eval=[], t_fixed=[]))
 
@@ -317,6 +326,10 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
         "eval_step_ms_median": round(ev["median"], 3),
         "eval_step_ms_iqr": round(ev["iqr"], 3),
         "eval_compile_s": round(r["eval_compile_s"], 3),
+        # XLA's memory analysis of the compiled train step (per device): its scratch
+        # (activations kept for the backward, teacher passes) and its arguments.
+        "train_temp_mib": None if r["temp_bytes"] is None else round(r["temp_bytes"] / 2**20, 2),
+        "train_arg_mib": None if r["arg_bytes"] is None else round(r["arg_bytes"] / 2**20, 2),
         "steps": steps, "dtype": dtype, "graph_impl": graph_impl or "default",
         "load_before": load_before, "load_after": load_after,
     })

@@ -368,7 +368,8 @@ def train_loop(run: Run) -> None:
     run.kd_teacher = _init_from_fp(run.state, config.init_from)[0].variables()
   train_step = train_lib.make_train_step(run.model, run.tx, loss_config(config),
                                          run.data["info"].num_classes,
-                                         teacher_variables=run.kd_teacher)
+                                         teacher_variables=run.kd_teacher,
+                                         num_devices=run.num_devices)
   eval_step = make_eval_step(run)
   start = run.progress.step
   run.rstate = train_lib.replicate(run.state, run.num_devices)

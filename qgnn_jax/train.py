@@ -309,30 +309,31 @@ def train_step(state: TrainState, batch: Batch, teacher_variables: Any = None, *
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, loss_cfg: LossConfig,
-                    num_classes: int, teacher_variables: Any = None
+                    num_classes: int, teacher_variables: Any = None,
+                    num_devices: Optional[int] = None
                     ) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict]]:
   """pmap-ed, state-donating train step: (replicated state, (D, B/D, ...) batch) -> (state, metrics).
 
   `model`: any linen module taking (images, train=...) quantized with
   `qat.quantize_model(model, rules)` (a plain module trains in full precision).
   teacher_variables: the frozen KD teacher's variables (same model, run in full
-  precision; unreplicated), needed when loss_cfg.kd_weight > 0; replicated once here.
+  precision; unreplicated), needed when loss_cfg.kd_weight > 0. They are replicated once
+  onto num_devices (default: all local devices, as the state) and bound as the pmap-ed
+  function's first argument: the result is then a functools.partial of it (its `func`
+  lowers ahead of time with `args` first).
   """
-  fn = functools.partial(train_step, model=as_quantized(model), tx=tx, loss_cfg=loss_cfg,
-                         num_classes=num_classes)
   if loss_cfg.kd_weight <= 0:
+    fn = functools.partial(train_step, model=as_quantized(model), tx=tx, loss_cfg=loss_cfg,
+                           num_classes=num_classes)
     return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
   if teacher_variables is None:
     raise ValueError("loss_cfg.kd_weight > 0 needs teacher_variables (the frozen FP model's)")
-  step = jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
-  teacher = None
 
-  def with_teacher(state, batch):
-    nonlocal teacher
-    if teacher is None:  # replicated on the first call, onto as many devices as the state
-      teacher = replicate(teacher_variables, jax.tree.leaves(state)[0].shape[0])
-    return step(state, batch, teacher)
-  return with_teacher
+  def with_teacher(teacher, state, batch):
+    return train_step(state, batch, teacher, model=as_quantized(model), tx=tx,
+                      loss_cfg=loss_cfg, num_classes=num_classes)
+  step = jax.pmap(with_teacher, axis_name=AXIS, donate_argnums=(1,))
+  return functools.partial(step, replicate(teacher_variables, num_devices))
 
 
 def eval_step(state: TrainState, batch: Batch, *, model: qat.QuantizedModel,

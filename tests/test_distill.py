@@ -329,6 +329,10 @@ def test_kd_from_a_frozen_fp_model_is_the_kl_to_its_eval_logits():
   assert _dots(T.LossConfig("quant", kd_weight=1.0)) == 2 * _dots(T.LossConfig("quant"))
   with pytest.raises(ValueError, match="teacher_variables"):
     T.make_train_step(model, tx, cfg, CLASSES)
+  # Through the pmap-ed step: the same KD term (the teacher replicated on 1 device).
+  step = T.make_train_step(model, tx, cfg, CLASSES, teacher_variables=teacher, num_devices=1)
+  _, m = step(T.replicate(state, 1), T.shard_batch(batch, 1))
+  np.testing.assert_allclose(m["kd"][0], metrics["kd"][0], rtol=1e-5)
 
 
 def test_kd_method_needs_init_from():
