@@ -48,9 +48,11 @@ def get_config():
   c.screen_regime = "R1"
   # form:weight points screened for each term, one weight per form (a 2-core CPU session
   # affords 7 screen runs): channel_mse's and bypass_kl's CPU-protocol winners (0.3, 0.1);
-  # attention transfer (a sum over nodes of squared differences of unit vectors) and the
-  # channel-attention KL are ~10-100x smaller than channel_mse at W2A2, hence 10; speq's
-  # cosine loss is ~T^2 = 4x smaller than the KL at T = 2, hence 1 (0.4 would match it).
+  # for the new forms a weight that puts the term near those terms' size: attention
+  # transfer and the channel-attention KL are normalised quantities (unit vectors,
+  # distributions), whose gaps are small at W2A2, hence 10; speq's cosine loss has no
+  # T^2 factor (KL at T = 2 has), hence 1. The logged term sizes are in the screen runs'
+  # metrics.jsonl (README, "Does distillation help?").
   c.aqd_points = "channel_mse:0.3,attention_transfer:10,channel_attention:10"
   c.sqd_points = "bypass_kl:0.1,speq:1,stochastic_channels:0.1"
   c.methods = "pq,pq+aqd,pq+sqd,pq+aqd+sqd"
