@@ -1,7 +1,11 @@
 import os
 
-# Two fake CPU devices for the pmap tests; must be set before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Two fake CPU devices for the pmap tests; must be set before jax is imported. Appended to
+# a user's own XLA_FLAGS (a setdefault would skip every 2-device test silently), unless
+# they set a device count themselves.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=2".strip()
 
 # JAX's persistent compilation cache for the tests and every subprocess they start
 # (README, "Compilation cache"): the same train step compiled by several tests, or by a

@@ -419,3 +419,13 @@ def test_json_files_are_strict_with_nan_as_null_and_a_flag(tmp_path):
   assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
       "step": 1, "split": "test", "loss": None, "top1": 0.1, "non_finite": ["loss"]}
   assert run_log.plot_curves(str(tmp_path / run_log.METRICS_FILE), str(tmp_path / "c.png"))
+
+
+def test_conftest_appends_the_device_count_to_a_users_xla_flags():
+  """A user's own XLA_FLAGS no longer skips every 2-device test."""
+  out = subprocess.run([sys.executable, "-c", "import conftest, jax; "
+                        "print(jax.local_device_count(), end='')"],
+                       cwd=os.path.join(ROOT, "tests"), capture_output=True, text=True,
+                       env={**os.environ, "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"},
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout == "2", out.stderr[-2000:]

@@ -176,23 +176,33 @@ FOREIGN_RULES = (qat.full_precision("out"),
                                w_bits=4, a_bits=4))
 
 
-def test_any_model_every_linear_op_gets_a_site():
+def test_any_model_every_linear_op_gets_a_site(monkeypatch):
   qm = qat.quantize_model(ForeignNet(), FOREIGN_RULES)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 2)), jnp.float32)
   v = qm.init(jax.random.key(0), x)
   sites = {k for k, s in v["quant_stats"].items() if "quant" in s}
   assert sites == {"conv", "gconv", "proj", "mix"}  # "out" matched the FP rule first
-  # Weights on the grid: <= 16 values per output channel; the grouped conv's channel
-  # axis is O of its HWIO kernel, the einsum's the axes that reach its output (h, o).
+  # The weights the model's ops consumed (the sites' handlers call these for the original
+  # ops; recorded by shape) are on the grid: <= 15 values per output channel (symmetric
+  # 4-bit); a conv's channel axis is O of its HWIO kernel, DenseGeneral's its features,
+  # the einsum's the axes that reach its output (h, o). The FP "out" has all its values.
+  used = {}
+  for name in ("dot_general", "conv_general_dilated"):
+    op = getattr(jax.lax, name)
+    monkeypatch.setattr(jax.lax, name, lambda lhs, rhs, *a, _op=op, **k: (
+        used.setdefault(np.shape(rhs), np.asarray(rhs)), _op(lhs, rhs, *a, **k))[1])
+  einsum = jnp.einsum
+  monkeypatch.setattr(jnp, "einsum", lambda spec, *ops, **k: (
+      used.setdefault(np.shape(ops[-1]), np.asarray(ops[-1])), einsum(spec, *ops, **k))[1])
+  qm.apply(v, x, mode="quant")
+  monkeypatch.undo()
   got = {}
-  for name, kernel, out_axes in [("gconv", v["params"]["gconv"]["kernel"], (3,)),
-                                 ("mix", v["params"]["mix"]["kernel"], (0, 2))]:
-    w2, _ = qat.site.to_channels_last(kernel, out_axes)
+  for name, out_axes in [("conv", (3,)), ("gconv", (3,)), ("proj", (1, 2)), ("mix", (0, 2)),
+                         ("out", (1,))]:
+    w2, _ = qat.site.to_channels_last(used[v["params"][name]["kernel"].shape], out_axes)
     w2 = w2.reshape(-1, w2.shape[-1])
-    lo, hi = quant.pauta_range(w2, 2.5, channel_axis=-1, symmetric=True)
-    wq = quant.fake_quant(w2, lo, hi, 4, symmetric=True)
-    got[name] = max(len(np.unique(np.asarray(wq[:, c]))) for c in range(w2.shape[1]))
-  assert all(n <= 15 for n in got.values()), got  # symmetric 4-bit grid: 15 codes
+    got[name] = max(len(np.unique(w2[:, c])) for c in range(w2.shape[1]))
+  assert all(got[n] <= 15 for n in sites) and got["out"] == 5, got
   # The model's outputs change when quantized, and fp mode is exactly the original.
   z_fp = qm.apply(v, x, mode="fp")
   z_q = qm.apply(v, x, mode="quant")

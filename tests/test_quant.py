@@ -695,7 +695,8 @@ def test_quantize_int_constant_and_lsq():
   y = jnp.float32([-3.0, -0.3, 0.1, 0.6, 5.0])
   codes, scale, zp = q.quantize_int(y, 3, *q.lsq_range(s, 3))
   np.testing.assert_array_equal(codes, [0, 3, 4, 6, 7])  # LSQ codes -4..3 shifted by Q_N
-  np.testing.assert_allclose(scale, 0.25) and np.testing.assert_allclose(zp, 4.0)
+  np.testing.assert_allclose(scale, 0.25)  # (assert_allclose returns None: two statements)
+  np.testing.assert_allclose(zp, 4.0)
   np.testing.assert_allclose(q.dequantize(codes, scale, zp), q.lsq_quantize(y, s, 3),
                              atol=1e-6)
 
