@@ -2,7 +2,8 @@
 
 Variables come from `jax.eval_shape(model.init)` filled on the host, so no RNG
 kernels are compiled (threefry compiles slowly on CPU); one test runs a real
-`init`. The 224-px variants are marked slow (CI runs them).
+`init`. The 224-px variants are marked slow: the default run and CI (`.ci/run`, the default
+suite) leave them out; run them with `python -m pytest -q -m slow tests/test_models.py`.
 """
 
 import os
