@@ -56,7 +56,7 @@ def quantize(run) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   batches = calibration_batches(run, int(config.ptq_batches))
-  variables, choices = ptq_lib.ptq(run.init_model, run.state.variables(), batches,
+  variables, choices = ptq_lib.quantize(run.init_model, run.state.variables(), batches,
                                    search=config.ptq_search != "none")
   run.state = run.state.replace(params=variables["params"],
                                 quant_stats=variables["quant_stats"])

@@ -166,7 +166,8 @@ def create_state(model: Model, tx: optax.GradientTransformation, images: jax.Arr
                  rng: jax.Array) -> TrainState:
   """Initialises variables from a batch of images (B, H, W, C) and the optimiser state.
 
-  The model is called as `model(images, train=False)` (every model here takes `train`).
+  The model is called as `model(images, train=False)`; `train` reaches only models whose
+  `__call__` takes it (`qat.QuantizedModel`), NNX models included (docs/METHOD.md).
   Compiled as one program (`run_once`; under an enclosing jit, part of that program).
   """
   return run_once(functools.partial(_init_state, model, tx), images, rng)

@@ -11,7 +11,7 @@ import pytest
 
 from experiments.configs import quickstart
 from qgnn_jax import experiment, export, qat
-from qgnn_jax.qat import ptq
+from qgnn_jax.qat import ptq  # noqa: F401  (ptq.LAMS etc.)
 
 
 class CNN(nn.Module):
@@ -39,7 +39,7 @@ def test_search_never_loses_to_the_fixed_range_and_helps_at_8_bits(quantizer):
                                                   w_bits=8, a_bits=8)])
     v = qm.init(jax.random.key(1), xs[0])
     v = {**v, "params": qat.fp_init.carry(v["params"], fp["params"], "params")}
-    v, choices = ptq.ptq(qm, v, xs, search=search)
+    v, choices = qat.post_training_quantize(qm, v, xs, search=search)
     errs[search] = float(jnp.mean(jnp.square(qm.apply(v, xs[0]) - ref)))
     if search:
       assert len(choices) == 4 and {c.kind for c in choices} == \
@@ -58,7 +58,7 @@ def test_calibrate_needs_a_batch():
   qm = qat.quantize_model(CNN(), [qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq")])
   v = qm.init(jax.random.key(0), _batches(1)[0])
   with pytest.raises(ValueError, match="at least one batch"):
-    ptq.calibrate(qm, v, [])
+    qat.calibrate(qm, v, [])
 
 
 def _config(**kw):

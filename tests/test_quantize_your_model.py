@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qgnn_jax import qat, train
 
@@ -17,8 +18,9 @@ README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
 
 def _section_code(heading: str) -> str:
+  """The python block right under `heading` (before its first ### subsection)."""
   text = open(README, encoding="utf-8").read()
-  section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+  section = text.split(heading, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
   blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
   assert len(blocks) == 1, f"expected one python block under {heading!r}"
   return blocks[0]
@@ -35,6 +37,108 @@ def test_readme_quantize_your_own_model_runs_as_written(capsys):
   assert {k for k, s in v["quant_stats"].items() if "quant" in s} == {"conv2", "fc"}
   assert scope["logits"].shape == (32, 10)
   assert "aqd" in capsys.readouterr().out
+
+
+def test_readme_nnx_model_runs_as_written(capsys):
+  scope = {"__name__": "readme_block"}
+  exec(compile(_section_code("### An NNX model"), "README.md", "exec"), scope)
+  metrics = {k: float(v[0]) for k, v in scope["metrics"].items()}
+  assert all(np.isfinite(list(metrics.values()))) and metrics["aqd"] > 0, metrics
+  out = capsys.readouterr().out
+  assert "conv2/quant" in out and "pq 4-bit" in out and "conv1/quant" not in out
+
+
+def test_readme_a_models_whole_life_runs_as_written(capsys):
+  """FP training -> qat.from_fp -> checkpointed loop and resume -> export -> load ->
+  apply, and PTQ, as the README shows them."""
+  scope = {"__name__": "readme_block"}
+  cwd = os.getcwd()
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    os.chdir(tmp)
+    try:
+      exec(compile(_section_code("### A model's whole life"), "README.md", "exec"), scope)
+    finally:
+      os.chdir(cwd)
+  assert scope["restored"].step == 4
+  fp, q = scope["fp_variables"], scope["variables"]
+  # QAT started from the FP variables: BN statistics carried over (then trained on).
+  assert set(q["batch_stats"]["bn1"]) == set(fp["batch_stats"]["bn1"])
+  assert scope["same"] >= 0.9
+  assert [c.key for c in scope["choices"]] == ["conv2/quant"]
+  assert "resume at step 4" in capsys.readouterr().out
+
+
+def test_rules_matching_nothing_raise_with_the_op_paths():
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="fc")(nn.Conv(4, (3, 3), name="conv")(x))
+
+  rules = [qat.QuantRule("conv", w_quantizer="pq"), qat.QuantRule("fc1", w_quantizer="pq")]
+  with pytest.raises(ValueError, match=r"rules\[1\] = QuantRule\(module_path='fc1'\) "
+                     r"matches no op.*'conv \(conv_general_dilated\)', 'fc \(dot_general\)'"):
+    qat.quantize_model(CNN(), rules).init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
+
+
+def test_describe_lists_sites_with_quantizers_and_bits():
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="fc")(nn.Conv(4, (3, 3), name="conv")(x).mean((1, 2)))
+
+  lines = []
+  rules = [qat.full_precision("fc"),
+           qat.QuantRule(".*", w_quantizer="lsq", a_quantizer="pq", w_bits=3, a_bits=5)]
+  sites = qat.describe(qat.quantize_model(CNN(), rules), jnp.zeros((2, 6, 6, 2)),
+                       print_fn=lines.append)
+  assert [s.key for s in sites] == ["conv/quant"]
+  assert lines[1].split() == ["conv/quant", "conv_general_dilated", "lsq", "3-bit", "pq",
+                              "5-bit"]
+
+
+def test_models_without_train_get_no_train_argument():
+  class NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="fc")(x)
+
+  qm = qat.quantize_model(NoTrain(), [qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq")])
+  x = jnp.ones((4, 5))
+  tx = train.make_optimizer("sgd", 0.1, total_steps=4)
+  state = train.calibrate(qm, train.create_state(qm, tx, x[:2], jax.random.key(0)), x)
+  assert qm.apply(state.variables(), x, train=False).shape == (4, 3)
+
+
+def test_export_build_names_a_rules_variables_mismatch(tmp_path):
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, name="fc")(nn.Conv(4, (3, 3), name="conv")(x).mean((1, 2)))
+
+  from qgnn_jax import export  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 2)), jnp.float32)
+  w2 = qat.quantize_model(CNN(), [qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq",
+                                                w_bits=2, a_bits=2)])
+  tx = train.make_optimizer("sgd", 0.1, total_steps=4)
+  v = train.calibrate(w2, train.create_state(w2, tx, x[:2], jax.random.key(0)), x).variables()
+  w4_rules = [qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq", w_bits=4, a_bits=4)]
+  with pytest.raises(export.ExportError, match=r"site conv/quant was trained with 2-bit "
+                     r"weights, the rules give 4-bit"):
+    export.build(CNN(), 3, w4_rules, v, input_shape=(6, 6, 2))
+  with pytest.raises(export.ExportError, match=r"rules quantize \['fc/quant'\], which the "
+                     r"variables hold no trained quantizer state for"):
+    export.build(CNN(), 3, [qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq", w_bits=2,
+                                          a_bits=2), qat.QuantRule("fc", w_quantizer="pq")],
+                 {**v, "quant_stats": {"conv": v["quant_stats"]["conv"]},
+                  "params": {k: p for k, p in v["params"].items()}}, input_shape=(6, 6, 2))
+  e_path = str(tmp_path / "cnn.qgx")
+  export.save(e_path, export.build(w2, 3, None, v, input_shape=(6, 6, 2)))
+  e = export.load(e_path, model=w2)
+  e.apply(x)
+  fn = e.apply_fn(True)
+  e.apply(x)
+  assert e.apply_fn(True) is fn and fn._cache_size() == 1  # compiled once for this shape
 
 
 # --- flax examples/imagenet models.py (ResNet), written out: not ours, unmodified. ---

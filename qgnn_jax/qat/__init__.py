@@ -11,10 +11,13 @@ from qgnn_jax.qat.model import (RESERVED_KWARGS, QuantizedModel, is_quantizer_pa
                                 quantize_model)
 from qgnn_jax.qat.sites import SiteInfo, describe, trace_sites
 from qgnn_jax.qat.fp_init import from_fp
+from qgnn_jax.qat.ptq import calibrate, search_ranges
+from qgnn_jax.qat.ptq import quantize as post_training_quantize
 from qgnn_jax.qat.rules import OPS, QuantRule, full_precision, match
 from qgnn_jax.qat.site import (MODES, TEACHER_DRAWS, CallSettings, TeacherDraw, call_settings,
                                current_settings, site_paths)
 
 __all__ = ["quantize_model", "QuantizedModel", "QuantRule", "full_precision", "match",
            "is_quantizer_param", "CallSettings", "call_settings", "current_settings",
-           "MODES", "OPS", "RESERVED_KWARGS", "describe", "trace_sites", "SiteInfo", "from_fp", "TeacherDraw", "TEACHER_DRAWS", "site_paths"]
+           "MODES", "OPS", "RESERVED_KWARGS", "describe", "trace_sites", "SiteInfo", "from_fp",
+           "calibrate", "search_ranges", "post_training_quantize", "TeacherDraw", "TEACHER_DRAWS", "site_paths"]

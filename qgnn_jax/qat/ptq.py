@@ -2,7 +2,7 @@
 search each site's activation range (docs/METHOD.md, "Post-training quantization").
 
     variables = qat.calibrate(qmodel, fp_variables, batches)            # ranges: N batches
-    variables, report = qat.ptq(qmodel, fp_variables, batches)          # + per-site search
+    variables, choices = qat.post_training_quantize(qmodel, fp_variables, batches)  # + search
 
 `calibrate`: the first batch re-initialises every site (learnable params from the data,
 the activation range reset to the batch's), each further batch updates the activation
@@ -184,7 +184,7 @@ def _is_pq(model, key: str) -> bool:
   return False
 
 
-def ptq(model, variables: Mapping[str, Any], batches: Sequence[jax.Array],
+def quantize(model, variables: Mapping[str, Any], batches: Sequence[jax.Array],
         search: bool = True) -> Tuple[Dict[str, Any], List[SiteChoice]]:
   """`calibrate` on `batches`, then (search=True) `search_ranges` on the same batches.
 
