@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Mapping, Optional
 
@@ -123,7 +125,8 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None, process_id: Optional[int] = None, *,
                heartbeat_timeout_s: int = 100, init_timeout_s: int = 300,
                cpu_collectives: str = "gloo",
-               environ: Optional[Mapping[str, str]] = None) -> Topology:
+               environ: Optional[Mapping[str, str]] = None,
+               progress_every_s: Optional[float] = None) -> Topology:
   """Joins the distributed runtime when :func:`should_initialize` says so; the topology.
 
   Call it before any JAX computation. On CPU, cross-process collectives need an
@@ -133,7 +136,10 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
   Args:
     heartbeat_timeout_s: seconds without a heartbeat after which the coordination
       service declares a process dead and stops the others (``>= 1``).
-    init_timeout_s: seconds to wait for every process to join (``>= 1``).
+    init_timeout_s: seconds to wait for every process to join (``>= 1``); a progress line
+      every ``progress_every_s`` seconds meanwhile (default: a fifth of the timeout, at most
+      30 s), and at the deadline one line naming the processes that did not join and exit
+      status 1.
   """
   if heartbeat_timeout_s < 1 or init_timeout_s < 1:
     raise ValueError(f"heartbeat_timeout_s={heartbeat_timeout_s} and "
@@ -142,10 +148,47 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
   if should_initialize(mode, coordinator_address, num_processes, process_id, environ):
     if cpu_collectives:
       jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=int(init_timeout_s),
-                               heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    joined = threading.Event()
+    threading.Thread(target=_join_watchdog, daemon=True, args=(
+        joined, coordinator_address, num_processes, process_id, init_timeout_s,
+        progress_every_s or min(30.0, init_timeout_s / 5), sys.stderr)).start()
+    try:
+      # JAX's own deadline later than the watchdog's: JAX ends a failed join with SIGABRT
+      # and a C++ stack trace, the watchdog with one line.
+      jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                 initialization_timeout=int(init_timeout_s) + _JAX_GRACE_S,
+                                 heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    finally:
+      joined.set()
   return topology()
+
+
+_JAX_GRACE_S = 30
+
+
+def _join_watchdog(joined: threading.Event, address: Optional[str], count: Optional[int],
+                   index: Optional[int], timeout_s: float, every_s: float, stream) -> None:
+  """While jax.distributed.initialize waits for the other processes (it releases the GIL):
+  a progress line every `every_s` seconds; at `timeout_s`, one line saying who is missing and
+  exit status 1 (os._exit: the runtime's shutdown would wait for the missing processes)."""
+  me = f"process {index} of {count}" if index is not None else "this process"
+  where = f"the coordinator {address}" if address else "the cluster's coordinator"
+  t0 = time.monotonic()
+  while not joined.wait(min(every_s, max(0.0, timeout_s - (time.monotonic() - t0)))):
+    waited = time.monotonic() - t0
+    if waited >= timeout_s:
+      if index == 0 and count:
+        missing = (f"process 1 of {count}" if count == 2 else
+                   f"one or more of processes 1-{count - 1}")
+        why = f"{missing} never joined {where}"
+      else:
+        why = f"{where} (process 0) never answered, or another process never joined"
+      print(f"error: {me}: {why} within --distributed_init_timeout_s={timeout_s:g} s; start "
+            f"every process with the same --coordinator_address and --num_processes (and "
+            f"its own --process_id)", file=stream, flush=True)
+      os._exit(1)  # pylint: disable=protected-access
+    print(f"qgnn_jax: {me} waiting for every process to join {where} ({waited:.0f} of "
+          f"{timeout_s:g} s)", file=stream, flush=True)
 
 
 def topology() -> Topology:

@@ -429,3 +429,23 @@ def test_conftest_appends_the_device_count_to_a_users_xla_flags():
                        env={**os.environ, "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"},
                        timeout=300)
   assert out.returncode == 0 and out.stdout == "2", out.stderr[-2000:]
+
+
+def test_a_process_whose_peers_never_join_says_so_in_time(tmp_path):
+  """Only process 0 of 2 started: progress lines while it waits, then one line naming the
+  process that never joined and exit 1 (JAX alone: silence, then SIGABRT and a C++ trace)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  t0 = time.monotonic()
+  code, out, err = _cli("experiments.run", f"--workdir={tmp_path / 'wd'}",
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        "--process_id=0", "--distributed_init_timeout_s=5", timeout=120)
+  assert code == 1 and time.monotonic() - t0 < 60, err
+  waiting = [l for l in err if "waiting for every process to join" in l]
+  assert len(waiting) >= 2 and len(err) == len(waiting) + 1, err
+  assert err[-1] == (f"error: process 0 of 2: process 1 of 2 never joined the coordinator "
+                     f"127.0.0.1:{port} within --distributed_init_timeout_s=5 s; start every "
+                     f"process with the same --coordinator_address and --num_processes (and its "
+                     f"own --process_id)"), err
+  assert not (tmp_path / "wd").exists()
