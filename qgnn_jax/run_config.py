@@ -221,6 +221,7 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
     raise _bad("num_epochs", fields["num_epochs"], "valid: > 0 (or set num_steps > 0)")
   if fields["eval_on"] == "validation" and fields["val_holdout"] == 0:
     raise _bad("eval_on", "validation", "needs val_holdout > 0 (images held out of train)")
+  _check_image_size(fields["model"], fields["dataset"])
   if "kd" in str(fields["method"]).split("+") and not fields["init_from"] \
       and not fields["pretrain_fp_epochs"]:
     raise _bad("method", fields["method"], "+kd distils from the FP model QAT starts from: "
@@ -231,6 +232,23 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
       ckpt.resolve_checkpoint_dir(fields["init_from"])
     except ckpt.CheckpointError as e:
       raise ConfigError(f"config.init_from={fields['init_from']!r}: {e}") from None
+
+
+def _check_image_size(model: str, dataset: str) -> None:
+  """ConfigError unless the dataset's images have the (H, W, C) the model's stem, position
+  embedding and k-NN graph were sized for (a 28x28 model on 8x8 digits would leave a 2x2
+  grid: fewer nodes than neighbours)."""
+  from qgnn_jax.data import get_info  # pylint: disable=g-import-not-at-top
+  from qgnn_jax.models import INPUT_SHAPES  # pylint: disable=g-import-not-at-top
+  want, have = INPUT_SHAPES.get(model), get_info(dataset).image_shape
+  if want is None or tuple(want) == tuple(have):
+    return
+  fits = sorted(m for m, shape in INPUT_SHAPES.items() if tuple(shape) == tuple(have))
+  size = lambda s: "x".join(map(str, s))
+  raise _bad("model", model,
+             f"takes {size(want)} images (its stem, position embedding and k-NN graph are sized "
+             f"for them), dataset {dataset!r} has {size(have)}; models for {size(have)}: "
+             f"{', '.join(fits) or 'none'}")
 
 
 # ----------------------------------------------------------------------------- restart

@@ -449,3 +449,13 @@ def test_a_process_whose_peers_never_join_says_so_in_time(tmp_path):
                      f"process with the same --coordinator_address and --num_processes (and its "
                      f"own --process_id)"), err
   assert not (tmp_path / "wd").exists()
+
+
+def test_a_model_for_other_images_is_refused_at_the_config_check(tmp_path):
+  code, out, err = _cli("experiments.run", f"--workdir={tmp_path / 'wd'}",
+                        "--config.model=vig_tiny_28")  # the quick start's data: 8x8 digits
+  assert code == 2 and err == [
+      "error: config.model='vig_tiny_28': takes 28x28x1 images (its stem, position embedding "
+      "and k-NN graph are sized for them), dataset 'digits' has 8x8x1; models for 8x8x1: "
+      "vig_digits"], err
+  assert not (tmp_path / "wd").exists()
