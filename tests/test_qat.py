@@ -356,9 +356,9 @@ def test_registry_rejects_duplicates_and_reserved_names():
 
 
 def test_qwix_find_param_identifies_weights_as_we_use_it():
-  """qwix._src.utils.flax_util.find_param is private (qwix pinned in requirements.txt):
-  it must find a module's param through dtype promotion, eagerly and under jit, and
-  not mistake an activation for one."""
+  """qat.context.find_param (ours since issue 22, with qwix's rules) must find a module's
+  param through dtype promotion, eagerly and under jit, and not mistake an activation for
+  one."""
   seen = []
 
   class Probe(nn.Module):
@@ -377,7 +377,7 @@ def test_qwix_find_param_identifies_weights_as_we_use_it():
 
 
 def test_second_op_of_a_module_gets_its_own_site():
-  """Per-module op counting (qwix's private aux_data, keyed on the module's scope):
+  """Per-module op counting (qat.context.next_site_index, keyed on the module's scope):
   a module running two matmuls with its kernel gets sites `quant` and `quant1`, afresh
   on every apply."""
 
