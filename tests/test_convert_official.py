@@ -379,17 +379,41 @@ def test_the_official_code_itself(tmp_path, forward):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not _torch_available(), reason="no torch Python / vig_pytorch snapshot")
+@pytest.mark.parametrize("name", ["vig_ti_224", "pvig_ti_224"])
+def test_full_size_official_models(name, tmp_path, forward):
+  """The official full-size model (random weights, every tensor incl. relative_pos, its own
+  .pth beside): converted, our logits with its k-NN equal its logits to 1e-5 relative."""
+  out = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "tools", "make_official_fixture.py"),
+                        "--vig_pytorch", VIG_PYTORCH, "--out", str(tmp_path), "--full", name],
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with np.load(tmp_path / f"{name}_full.npz") as z:
+    sd = {k[3:]: z[k] for k in z.files if k.startswith("sd/")}
+    knn = {k[4:]: z[k] for k in z.files if k.startswith("knn/")}
+    x = (z["images"].astype(np.float32) / 255.0 - 0.5) / 0.5
+    ref = z["logits"]
+  model = models.create_model(name, official.num_classes_of(sd))
+  v = official.convert(sd, model, name)
+  f = forward(model)
+  err = rel_err(f({**v, NEIGHBORS: official.neighbors_variables(model, knn)}, x), ref)
+  print(f"\n{name} full size: injected k-NN rel diff {err:.2e}")
+  assert err <= RTOL
+  assert np.array_equal(np.asarray(f(v, x)).argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.slow
 def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
-  """convert -> post-training quantization (calibration from the converted weights, W8A8)
-  -> 2 QAT steps (W4A4 PQ) -> evaluate -> export -> integer inference, on tfds mock
+  """convert -> post-training quantization (--config.ptq, W4A4 PQ) -> 2 QAT steps from it
+  -> evaluate -> export -> integer inference, on tfds mock
   imagenet2012 through the 224-px pipeline (random-resized crop for training, resize +
   centre crop for evaluation). The state dict is ours in the official layout (no torch
   here); the converter's equality with the official code is the tests above."""
   tfds = pytest.importorskip("tensorflow_datasets")
   from experiments.configs.common import base_config  # pylint: disable=import-outside-toplevel
   from helpers import host_variables  # pylint: disable=import-outside-toplevel
+  from qgnn_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from qgnn_jax import experiment, export  # pylint: disable=import-outside-toplevel
-  from qgnn_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   monkeypatch.delenv("QGNN_DATA_DIR", raising=False)
   data_dir = tmp_path / "tfds"
   for name in ("imagenet2012", "imagenette"):
@@ -418,22 +442,14 @@ def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
     fp_eval = experiment.evaluate_checkpoint(fp_wd)
     assert fp_eval["count"] == 8 and np.isfinite(fp_eval["loss"])
 
-    # Post-training quantization: W8A8 PQ calibrated on one batch of the converted weights.
-    ptq = config(method="pq", w_bits=8, a_bits=8, init_from=fp_wd, num_steps=1)
-    run = experiment.setup(ptq, str(tmp_path / "ptq"))
-    try:
-      experiment.restore_or_init(run)  # init_from + calibration
-    finally:
-      run.manager.close()
-    assert run.progress.fp_top1 is None and jax.tree.leaves(run.state.quant_stats)
-    ptq_eval = experiment.evaluate(experiment.make_eval_step(run),
-                                   train_lib.replicate(run.state, run.num_devices),
-                                   run.data["eval"]())
-    assert ptq_eval["count"] == 8 and np.isfinite(ptq_eval["loss"])
-
-    # Two QAT steps from the converted workdir, then evaluate, export, integer inference.
-    qat_wd = str(tmp_path / "qat")
-    res = experiment.train_and_evaluate(config(method="pq", init_from=fp_wd, num_steps=2),
+    # Post-training quantization of the converted run (--config.ptq=true), then two QAT
+    # steps from it; evaluate both.
+    ptq_wd, qat_wd = str(tmp_path / "ptq"), str(tmp_path / "qat")
+    ptq = experiment.train_and_evaluate(
+        config(method="pq", ptq=True, ptq_batches=1, init_from=fp_wd, num_steps=1), ptq_wd)
+    assert ptq["train_steps"] == 0 and np.isfinite(ptq["eval_loss"])
+    assert experiment.evaluate_checkpoint(ptq_wd)["top1"] == ptq["top1"]
+    res = experiment.train_and_evaluate(config(method="pq", init_from=ptq_wd, num_steps=2),
                                         qat_wd)
     assert res["train_steps"] == 2 and np.isfinite(res["eval_loss"])
     ev = experiment.evaluate_checkpoint(qat_wd)
@@ -448,7 +464,7 @@ def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
     # k-NN choice between near-equal candidates).
     fake_fn, fake_vars = export.checkpoint_fn(qat_wd)
     integer_fn, dequantized_fn = exported.apply_fn(True), exported.apply_fn(False)
-    for batch in run.data["eval"]():
+    for batch in data_lib.stream_eval_batches("imagenet2012", 4, data_dir=str(data_dir)):
       x = jnp.asarray(batch["image"][0])
       ref = np.asarray(fake_fn(fake_vars, x))
       np.testing.assert_allclose(np.asarray(dequantized_fn(exported.variables, x)), ref,

@@ -9,7 +9,9 @@ the registered model NAME and run on the same image twice: with the official k-N
 injected (`models.blocks.NEIGHBORS`) and free-running. Prints one JSON line per model:
 `rel_injected` / `rel_free` = max |ours - official| / max |official| over the 1000 logits,
 `top1_equal`, `knn_lists_equal` (the share of free-running neighbour lists, as sets, equal
-to the official ones) and the first block where one differs, `convert_s`.
+to the official ones) and the first block where one differs, `rel_folded_vs_free` (the same
+image through this project's imagenet2012 normalisation with the official one folded into
+the first conv, against the free-running logits) and `top1_folded_equal`, `convert_s`.
 """
 import json
 import os
@@ -37,6 +39,7 @@ def with_knn(model, variables, x):
 
 def main(argv):
   from qgnn_jax import models, official  # pylint: disable=import-outside-toplevel
+  from qgnn_jax.data import augment, get_info  # pylint: disable=import-outside-toplevel
   from qgnn_jax.models.blocks import NEIGHBORS  # pylint: disable=import-outside-toplevel
   folder, names = argv[1], argv[2:] or list(official.OFFICIAL_NAMES)
   for name in names:
@@ -60,6 +63,11 @@ def main(argv):
     free = np.asarray(free)
     same = [np.all(np.sort(np.asarray(o), -1) == np.sort(neighbors[f"grapher{i}"]["indices"],
                                                           -1), -1) for i, o in enumerate(ours)]
+    # The same image through this project's imagenet2012 normalisation, with the official
+    # one folded into the first conv (what experiments.convert_official writes).
+    info = get_info("imagenet2012")
+    folded = official.fold_input_normalization(variables, info.mean, info.std)
+    on_ours = np.asarray(f(folded, augment.normalize(images, info)))
     scale = float(np.max(np.abs(ref)))
     print(json.dumps({
         "model": name, "rel_injected": float(np.max(np.abs(injected - ref))) / scale,
@@ -67,6 +75,8 @@ def main(argv):
         "top1_equal": bool(np.array_equal(free.argmax(-1), ref.argmax(-1))),
         "knn_lists_equal": float(np.mean(np.concatenate([s.ravel() for s in same]))),
         "first_block_differing": next((i for i, s in enumerate(same) if not s.all()), None),
+        "rel_folded_vs_free": float(np.max(np.abs(on_ours - free))) / scale,
+        "top1_folded_equal": bool(np.array_equal(on_ours.argmax(-1), ref.argmax(-1))),
         "max_abs_logit": scale, "convert_s": round(convert_s, 2),
         "relative_pos_checked": sum(k.endswith("relative_pos") for k in sd)}), flush=True)
 
