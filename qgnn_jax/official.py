@@ -270,7 +270,7 @@ def _official_shape(layout: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
 def to_ours(layout: str, x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
   """An official tensor in our layout (float32, C-contiguous: no view of the file's array,
   which can then be freed). x: official_shape -> `shape`."""
-  return np.ascontiguousarray(_to_ours(layout, np.asarray(x, np.float32), shape))
+  return np.array(_to_ours(layout, np.asarray(x), shape), np.float32, order="C", copy=True)
 
 
 def _to_ours(layout: str, x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
@@ -652,7 +652,7 @@ def convert_checkpoint(checkpoint: str, model_name: str, workdir: str, config,
   os.makedirs(workdir, exist_ok=True)
   manager = ckpt.make_manager(ckpt_dir, max_to_keep=1)
   try:
-    ckpt.save(manager, 0, jax.device_get(state), force=True,
+    ckpt.save(manager, 0, state, force=True,  # orbax reads the arrays where they are
               meta={"step": 0, "train_seconds": 0.0, "fp_top1": None,
                     "started_at": None, "source": config.source})
   finally:
