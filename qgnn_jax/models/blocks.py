@@ -123,7 +123,8 @@ class Grapher(nn.Module):
   x: (B, H, W, C) -> (B, H, W, C). The graph conv is W [x_i ; max_j (x_j - x_i)]
   with channels interleaved and a 4-group 1x1 conv, as the official MRConv2d.
   With r > 1 the candidate neighbours are the r x r average-pooled nodes
-  (pyramid ViG); `relative_pos` (N, M) is added to the k-NN distances.
+  (pyramid ViG); `relative_pos` (N, M) is added to the k-NN distances. A variable
+  `indices` (B, N, k) in collection `NEIGHBORS` replaces the k-NN search (injected graphs).
   """
   k: int
   dilation: int = 1
