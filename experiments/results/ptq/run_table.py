@@ -40,24 +40,29 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--fp", required=True)
   p.add_argument("--out", default="runs/ptq")
-  p.add_argument("--bits", default="8,6,4")
+  p.add_argument("--bits", default="8,4,6")
   args = p.parse_args()
   with open(os.path.join(args.fp, "config.json")) as f:
     fp_config = json.load(f)
   with open(os.path.join(args.fp, "results.json")) as f:
     fp = json.load(f)
   rows = []
-  for bits in [int(b) for b in args.bits.split(",")]:
-    for method, search in ROWS:
-      wd = os.path.join(args.out, f"{method}_{search}_w{bits}a{bits}")
-      c = config_for(fp_config, method, bits, search)
-      c.init_from = args.fp
-      t0 = time.time()
-      res = experiment.train_and_evaluate(c, wd)
-      with open(os.path.join(wd, "ptq.json")) as f:
-        summ = json.load(f)["summary"]
-      rows.append((bits, method, search, res["top1"], summ, time.time() - t0, wd))
-      print(rows[-1], flush=True)
+  plan = [(b, m, s) for b in [int(b) for b in args.bits.split(",")] for m, s in ROWS[:3]] + \
+      [(b, m, s) for b in [int(b) for b in args.bits.split(",")] for m, s in ROWS[3:]]
+  for bits, method, search in plan:  # the table's must-have cells first
+    wd = os.path.join(args.out, f"{method}_{search}_w{bits}a{bits}")
+    c = config_for(fp_config, method, bits, search)
+    c.init_from = args.fp
+    t0 = time.time()
+    res = experiment.train_and_evaluate(c, wd)
+    with open(os.path.join(wd, "ptq.json")) as f:
+      summ = json.load(f)["summary"]
+    rows.append((bits, method, search, res["top1"], summ, time.time() - t0, wd))
+    print(rows[-1], flush=True)
+    write_table(args, fp, rows)
+
+
+def write_table(args, fp, rows):
   qat = {}
   for path in glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.fp)), "*",
                                      "results.json")):
@@ -80,7 +85,7 @@ def main():
     f.write("\nSearched choices (sites per value):\n\n")
     for b, m, s, t, summ, sec, wd in rows:
       f.write(f"- W{b}A{b} {m} {s}: {json.dumps(summ)} ({sec:.0f} s, {wd})\n")
-  print(open(os.path.join(here, "table.md")).read())
+  print(open(os.path.join(here, "table.md")).read(), flush=True)
 
 
 if __name__ == "__main__":
