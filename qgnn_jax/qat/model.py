@@ -1,6 +1,7 @@
-"""`quantize_model(model, rules)`: fake quantization for any unmodified Flax linen model.
+"""`quantize_model(model, rules)`: fake quantization for any unmodified Flax model (linen,
+or NNX: run as a linen module by `qgnn_jax.qat.nnx_bridge`).
 
-Built on qwix's interception (PyPI `qwix`, pinned in requirements.txt): a
+Built on qwix's public interception (PyPI `qwix`, `>=0.1.8` in setup.cfg): a
 `qwix.QuantizationProvider` whose `get_intercept_map()` replaces `jax.lax.dot_general`,
 `jax.lax.conv_general_dilated` (and `qgnn_jax.conv.conv_general_dilated`, the same op with
 a faster CPU weight gradient) and `jax.numpy.einsum` while the model runs, and
@@ -8,7 +9,7 @@ a faster CPU weight gradient) and `jax.numpy.einsum` while the model runs, and
 wrapped (so parameter paths and everything else stay those of the original model).
 `nn.Dense`, `nn.DenseGeneral`, `nn.Conv` (grouped too) and `nn.Einsum` reach these ops.
 At each op a rule matches, the operand that is a param of the calling module (found with
-qwix's `find_param`) is the weight, the other the activation; both go through
+`qgnn_jax.qat.context.find_param`) is the weight, the other the activation; both go through
 `qgnn_jax.qat.site.quantize_operands`. An op with no param operand (e.g. attention's
 q @ k) stays full precision.
 
@@ -54,7 +55,7 @@ def _module_path(module: nn.Module) -> str:
 
 
 def _is_weight(module: nn.Module, x: Any, op_name: str) -> bool:
-  """True when x is a param of `module` (qwix's find_param), traced where the module runs.
+  """True when x is a param of `module` (`context.find_param`), traced where it runs.
 
   Raises for an op traced inside a nested jit (jnp.dot, jnp.matmul and `@` are jitted
   functions): its quantizer state would be created in the wrong trace and the jit cache
@@ -260,7 +261,7 @@ def _letters(spec: str, ndim: int) -> str:
 
 
 class QuantizedModel:
-  """A linen model with fake quantization at the ops its rules match.
+  """A linen or NNX model with fake quantization at the ops its rules match.
 
   `init` and `apply` take the original model's arguments, plus, for `apply`, the
   per-call keywords `mode` ("fp" | "quant" | "stochastic"), `bypass_prob` or `teacher`
