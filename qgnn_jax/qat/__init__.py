@@ -1,11 +1,16 @@
-"""QGNN-IC for any Flax model: quantization applied from outside, by rules (SPEC §3.5).
+"""QGNN-IC for any Flax model, linen or NNX: quantization applied from outside, by rules
+(README, "Quantize your own model"; docs/METHOD.md, "Quantization as a model transform").
 
     qmodel = quantize_model(model, [QuantRule(".*", w_quantizer="pq", a_quantizer="pq")])
+    describe(qmodel, x)                      # the sites: path, op, quantizers, bits
     variables = qmodel.init(key, x, train=False)
     logits = qmodel.apply(variables, x, train=False, mode="quant")
 
 `rules.py` (QuantRule, first match wins), `site.py` (one op's quantizer state and
-modes), `model.py` (the qwix provider and `QuantizedModel`).
+modes), `model.py` (the qwix provider and `QuantizedModel`), `context.py` (which module
+runs an op, which operand is its weight), `nnx_bridge.py` (NNX models as linen modules),
+`sites.py` (`describe`, the sites of a model and of trained variables), `fp_init.py` (QAT
+from FP variables: `from_fp`), `ptq.py` (post-training quantization).
 """
 from qgnn_jax.qat.model import (RESERVED_KWARGS, QuantizedModel, is_quantizer_param,
                                 quantize_model)
