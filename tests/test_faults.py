@@ -263,6 +263,16 @@ def test_resume_on_a_read_only_file_system_is_one_line_before_anything(interrupt
                     f"another place (e.g. another --workdir / --out)"), err
 
 
+def test_a_new_workdir_on_a_read_only_file_system_is_one_line(tmp_path):
+  if not _can_mount(tmp_path):
+    pytest.skip("this host cannot bind-mount read-only (needs root and unshare -m)")
+  code, out, err = _cli_cmd(_read_only(tmp_path, sys.executable, "-m", "experiments.run",
+                                       *RUN_ARGS, f"--workdir={tmp_path / 'new'}"))
+  assert code == 1 and out == "" and err == [
+      f"error: {tmp_path / 'new'}: Read-only file system; write to another place (e.g. another "
+      f"--workdir / --out)"], err
+
+
 def test_export_to_a_read_only_place_and_evaluate_export_of_a_directory(interrupted, tmp_path):
   wd, _ = interrupted
   if _can_mount(tmp_path):
@@ -459,3 +469,23 @@ def test_a_model_for_other_images_is_refused_at_the_config_check(tmp_path):
       "and k-NN graph are sized for them), dataset 'digits' has 8x8x1; models for 8x8x1: "
       "vig_digits"], err
   assert not (tmp_path / "wd").exists()
+
+
+def test_allow_config_change_says_what_changed_and_keeps_the_history(tmp_path, capsys):
+  from qgnn_jax import run_config
+  wd = str(tmp_path / "wd")
+  assert experiment.train_and_evaluate(_config(stop_at_step=2), wd) == {}
+  res = experiment.train_and_evaluate(_config(lr=5e-3, seed=3), wd, allow_config_change=True)
+  err = capsys.readouterr().err
+  assert (f"{wd}: continuing from step 2 with a changed config: lr: 0.002 -> 0.005; "
+          f"seed: 0 -> 3") in err, err
+  want = [{"step": 2, "field": "lr", "old": 0.002, "new": 0.005},
+          {"step": 2, "field": "seed", "old": 0, "new": 3}]
+  saved = json.loads((tmp_path / "wd" / "config.json").read_text())
+  assert saved["lr"] == 0.005 and saved[run_config.CHANGES_KEY] == want
+  assert res["config_changes"] == want and res["train_steps"] == 4
+  # The history is no config field: the workdir still evaluates, and the same config
+  # finds it finished.
+  assert experiment.load_run_config(wd).lr == 0.005
+  again = experiment.train_and_evaluate(_config(lr=5e-3, seed=3), wd)
+  assert again == res

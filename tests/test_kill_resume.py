@@ -55,7 +55,8 @@ def _each_step_once(records):
   return all(n == 1 for n in counts.values())
 
 
-@pytest.mark.slow
+# In the default suite (and so in CI): the only check of the kill -9 promise. Six small
+# subprocess runs of vig_digits, the first of which compiles.
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, cache_env):
   ref, wd = tmp_path / "uninterrupted", tmp_path / "killed"
   out = _run(ref, cache_env)
