@@ -16,7 +16,10 @@ writes into `workdir`: `config.json`, `metrics.jsonl`, TensorBoard events
 4. `finish`: final evaluation, results.json, the curves' plot.
 
 Restarting with the same workdir resumes from the latest checkpoint with the same data
-order; the resumed run ends bit-identical to an uninterrupted one.
+order; the resumed run ends bit-identical to an uninterrupted one. While it writes, a run
+holds the workdir's lock (`qgnn_jax.workdir_lock`: a second run there is refused); Ctrl-C
+raises `Interrupted` (which step the same command resumes from) after any save in flight
+completes; a run that fails before writing anything removes the workdir it created.
 """
 from __future__ import annotations
 
@@ -260,6 +263,7 @@ class Run:
   batches: Any = None
   writer: Optional[run_log.MetricsWriter] = None
   last_loss: Any = None
+  config_changes: Any = dataclasses.field(default_factory=list)  # run_config.CHANGES_KEY
   kd_teacher: Any = None  # method +kd: the frozen FP variables of init_from
 
   @property
@@ -340,12 +344,23 @@ def restore_or_init(run: Run) -> None:
     run.state = state.replace(opt_state=run.tx.init(state.params))
     run.progress = Progress(step=0, train_seconds=0.0, fp_top1=fp_top1,
                             started_at=results_lib.utc_now())
+  saved = _read_json(os.path.join(workdir, CONFIG_FILE))
+  run.config_changes = run_config.changes(saved)
+  if saved is not None and (diff := run_config.config_diff(saved, config)):
+    # Let through by --allow_config_change (check_workdir refused it otherwise): say so, and
+    # keep the history in config.json and results.json.
+    _notify(f"{workdir}: continuing from step {run.progress.step} with a changed config: "
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff))
+    run.config_changes += [{"step": run.progress.step, "field": k, "old": a, "new": b}
+                           for k, a, b in diff]
   if run.main:
     metrics_path = os.path.join(workdir, run_log.METRICS_FILE)
     if dropped := run_log.truncate_metrics(metrics_path, run.progress.step):
       _notify(f"metrics.jsonl: dropped {dropped} lines past step {run.progress.step}")
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+    saved_config = json.loads(config.to_json())
+    if run.config_changes:
+      saved_config[run_config.CHANGES_KEY] = run.config_changes
+    results_lib.write_json_atomic(os.path.join(workdir, CONFIG_FILE), saved_config)
 
 
 def _save(run: Run, step: int, seconds: float) -> None:
@@ -444,6 +459,7 @@ def finish(run: Run) -> Dict[str, Any]:
       "train_steps": int(total), "train_seconds": float(run.progress.train_seconds), **sizes,
       "eval_split": run.eval_split, "eval_loss": float(ev["loss"]),
       **results_lib.provenance(run_config.config_sha256(config), run.data["source"]),
+      "config_changes": run.config_changes,
       "started_at": run.progress.started_at, "finished_at": results_lib.utc_now()}
   results_lib.check_results(results)
   if run.main:

@@ -26,10 +26,11 @@ SPEC_KEYS: Tuple[str, ...] = (
 EVAL_KEYS: Tuple[str, ...] = ("eval_split", "eval_loss")
 # Where and when: versions, devices, code and config identity, wall-clock start / end (UTC,
 # ISO 8601; started_at is the run's first start, kept across restarts).
-# data_source: what the images were read from (the IDX folder, tfds's data dir, sklearn).
+# data_source: what the images were read from (the IDX folder, tfds's data dir, sklearn);
+# config_changes: what --allow_config_change let through ([{step, field, old, new}], [] none).
 PROVENANCE_KEYS: Tuple[str, ...] = (
     "jax_version", "flax_version", "device_kind", "device_count", "process_count", "git_commit",
-    "config_sha256", "data_source", "started_at", "finished_at")
+    "config_sha256", "data_source", "config_changes", "started_at", "finished_at")
 RESULT_KEYS: Tuple[str, ...] = SPEC_KEYS + EVAL_KEYS + PROVENANCE_KEYS
 # The ablation CSV: the run's name (its workdir's basename), then every result key.
 CSV_FIELDS: Tuple[str, ...] = ("run",) + RESULT_KEYS

@@ -254,10 +254,21 @@ def _check_image_size(model: str, dataset: str) -> None:
 # ----------------------------------------------------------------------------- restart
 
 
+# A key of config.json beside the fields: the changes `--allow_config_change` let through,
+# [{"step": N, "field": F, "old": A, "new": B}, ...] in the order they were made.
+CHANGES_KEY = "config_changes"
+
+
 def run_fields(config: Any) -> Dict[str, Any]:
-  """The fields that define the run's numbers: all but RESTART_SAFE_FIELDS."""
+  """The fields that define the run's numbers: all but RESTART_SAFE_FIELDS (and config.json's
+  change history)."""
   fields = dict(config.items()) if hasattr(config, "items") else dict(config)
-  return {k: v for k, v in fields.items() if k not in RESTART_SAFE_FIELDS}
+  return {k: v for k, v in fields.items() if k not in RESTART_SAFE_FIELDS and k != CHANGES_KEY}
+
+
+def changes(saved: Optional[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+  """The change history a saved config.json holds ([] for none)."""
+  return list((saved or {}).get(CHANGES_KEY, []))
 
 
 def config_sha256(config: Any) -> str:
@@ -277,9 +288,11 @@ LEGACY_VALUES: Mapping[str, Any] = {"lsq_gelu_grid": "signed", "range_grad": Fal
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> Dict[str, Any]:
-  """A saved config.json's fields, plus LEGACY_VALUES for those it predates (what the run
-  was made with). Use before filling other missing fields with today's defaults."""
-  return {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved}, **dict(saved)}
+  """A saved config.json's fields (without its change history), plus LEGACY_VALUES for those
+  it predates (what the run was made with). Use before filling other missing fields with
+  today's defaults."""
+  return {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved},
+          **{k: v for k, v in saved.items() if k != CHANGES_KEY}}
 
 
 def config_diff(saved: Mapping[str, Any], new: Any) -> List[Tuple[str, Any, Any]]:
