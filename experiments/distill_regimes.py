@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from experiments import sweep_report
 from experiments.sweep_exec import execute
-from experiments.sweep_plan import Run, _fmt
+from experiments.sweep_plan import Run, format_value
 
 config_flags.DEFINE_config_file("config", None, "Regime study config (get_config()).")
 flags.DEFINE_string("workdir", "runs/regimes", "Where the runs' workdirs go.")
@@ -51,7 +51,7 @@ def regime_overrides(cfg, regime: str) -> Dict[str, str]:
     raise ValueError(f"regime {regime!r}; valid: {sorted(cfg.regimes)}")
   spec = dict(cfg.regimes[regime])
   from_fp = spec.pop("init_from_fp")
-  ov = {k: _fmt(v) for k, v in {**dict(cfg.fixed), **spec}.items()}
+  ov = {k: format_value(v) for k, v in {**dict(cfg.fixed), **spec}.items()}
   ov["init_from"] = cfg.fp_workdir if from_fp else ""
   return ov
 
@@ -65,14 +65,14 @@ def make_run(cfg, regime: str, method: str, seed: int, split: str,
                      f"for exactly the terms the method names")
   ov = {"method": method, "w_bits": str(cfg.bits), "a_bits": str(cfg.bits), "seed": str(seed),
         "eval_on": split, **regime_overrides(cfg, regime),
-        **{k: _fmt(v) for k, v in BASELINE.items()}}
+        **{k: format_value(v) for k, v in BASELINE.items()}}
   tag = ""
   if aqd:
-    ov.update(aqd_form=aqd[0], aqd_alpha=_fmt(aqd[1]))
-    tag += f"_{aqd[0]}{_fmt(aqd[1])}"
+    ov.update(aqd_form=aqd[0], aqd_alpha=format_value(aqd[1]))
+    tag += f"_{aqd[0]}{format_value(aqd[1])}"
   if sqd:
-    ov.update(sqd_form=sqd[0], sqd_beta=_fmt(sqd[1]))
-    tag += f"_{sqd[0]}{_fmt(sqd[1])}"
+    ov.update(sqd_form=sqd[0], sqd_beta=format_value(sqd[1]))
+    tag += f"_{sqd[0]}{format_value(sqd[1])}"
   name = f"{regime}_{method.replace('+', '_')}{tag}_s{seed}_{split[:4]}"
   return Run(name, tuple(sorted(ov.items())))
 

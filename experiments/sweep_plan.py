@@ -22,7 +22,8 @@ class Run:
   overrides: Tuple[Tuple[str, str], ...]
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
+  """A config value as a --config.field= override's text (floats round-trip exactly)."""
   return repr(v) if isinstance(v, float) else str(v)
 
 
@@ -41,8 +42,8 @@ def num_fp_seeds(cfg) -> int:
 def fp_runs(cfg) -> List[Run]:
   """The FP pretraining runs fp_s0, fp_s1, ... (evaluated on the test set)."""
   seeds = num_fp_seeds(cfg)
-  return [Run(f"fp_s{s}", (("method", "fp"), ("seed", str(s)), ("num_epochs", _fmt(cfg.fp_epochs)),
-                          ("lr", _fmt(cfg.fp_lr)), ("drop_path", _fmt(cfg.fp_drop_path)),
+  return [Run(f"fp_s{s}", (("method", "fp"), ("seed", str(s)), ("num_epochs", format_value(cfg.fp_epochs)),
+                          ("lr", format_value(cfg.fp_lr)), ("drop_path", format_value(cfg.fp_drop_path)),
                           ("eval_on", "test")))
           for s in range(seeds)]
 
@@ -65,8 +66,8 @@ def qat_run(cfg, workdir: str, method: str, bits: int, seed: int, eval_on: str,
             extra: Sequence[Tuple[str, str]] = (), tag: str = "") -> Run:
   name = f"{method.replace('+', '_')}_w{bits}a{bits}_s{seed}{tag}"
   ov = [("method", method), ("w_bits", str(bits)), ("a_bits", str(bits)), ("seed", str(seed)),
-        ("num_epochs", _fmt(cfg.qat_epochs)), ("lr", _fmt(cfg.qat_lr)),
-        ("warmup_epochs", _fmt(cfg.qat_warmup_epochs)), ("eval_on", eval_on),
+        ("num_epochs", format_value(cfg.qat_epochs)), ("lr", format_value(cfg.qat_lr)),
+        ("warmup_epochs", format_value(cfg.qat_warmup_epochs)), ("eval_on", eval_on),
         ("init_from", os.path.join(workdir, f"fp_s{seed % num_fp_seeds(cfg)}"))]
   return Run(name, tuple(ov) + tuple(extra))
 
@@ -101,7 +102,7 @@ def sweep_runs(cfg, workdir: str) -> List[Tuple[str, str, Run]]:
   `..._default`, whatever field it belongs to: it is trained once.
   """
   base = run_defaults(cfg)
-  centre = {k: _fmt(v) for k, v in cfg.get("sweep_centre", {}).items()}
+  centre = {k: format_value(v) for k, v in cfg.get("sweep_centre", {}).items()}
   out = []
   for field, method, bits, values in parse_sweeps(cfg.sweeps):
     if field not in base:
