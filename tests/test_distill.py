@@ -344,3 +344,21 @@ def test_kd_method_needs_init_from():
   with pytest.raises(run_config.ConfigError, match="init_from"):
     run_config.validate(c)
   assert recipe.loss_config(c).kd_weight == 1.0
+
+
+@pytest.mark.parametrize("aqd_form,sqd_form", FORM_PAIRS)
+def test_teacher_passes_add_no_backward(aqd_form, sqd_form):
+  """Each teacher pass adds one forward to the differentiated step and nothing to its
+  backward: the teachers' inputs are constants, so autodiff keeps no residuals for them."""
+  model, _, state, batch = _tiny_setup()
+
+  def grad_dots(cfg):
+    fn = lambda p: T.loss_and_metrics(p, state, batch, jax.random.key(1), jax.random.key(2),
+                                      model, cfg, CLASSES, state.variables())[0]
+    return str(jax.make_jaxpr(jax.grad(fn), axis_env=[(T.AXIS, 1)])(state.params)).count(
+        "dot_general")
+  forward = _dots(_loss_cfg(aqd_form, sqd_form, alpha=0.0, beta=0.0))
+  student = grad_dots(_loss_cfg(aqd_form, sqd_form, alpha=0.0, beta=0.0))
+  assert student > 2 * forward  # forward + the backward's products
+  assert grad_dots(_loss_cfg(aqd_form, sqd_form)) == student + 2 * forward
+  assert grad_dots(T.LossConfig("quant", kd_weight=1.0)) == student + forward
