@@ -69,10 +69,12 @@ def runnable(lang):
 
 
 def module_flags(module):
-  """The flag names experiments/<module>.py defines (absl DEFINE_* / config_flags)."""
+  """The flag names experiments/<module>.py defines (absl DEFINE_* / config_flags /
+  experiments.cli.define_config_flag)."""
   with open(os.path.join(ROOT, "experiments", f"{module}.py"), encoding="utf-8") as f:
     src = f.read()
-  return set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", src)) | ABSL_FLAGS
+  # (experiments.run defines --config through experiments.cli.define_config_flag.)
+  return set(re.findall(r"(?:DEFINE_\w+|define_config_flag)\(\s*\"(\w+)\"", src)) | ABSL_FLAGS
 
 
 def experiment_commands():
