@@ -14,3 +14,17 @@ from qgnn_jax import compile_cache  # pylint: disable=g-import-not-at-top,wrong-
 
 os.environ.setdefault(compile_cache.ENV_VAR, compile_cache.default_dir())
 compile_cache.enable()
+
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """A test worker runs file after file in one process, and every file's compiled programs
+  stayed in JAX's in-memory caches: a worker reached 6 GB and was OOM-killed on a 23 GB
+  machine (issue 24's suite run). A finished file's programs are dropped; the persistent
+  cache keeps them on disk for the next test that compiles the same one."""
+  yield
+  jax.clear_caches()
