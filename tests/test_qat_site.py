@@ -157,7 +157,7 @@ def test_parse_method_and_quant_rules():
     assert recipe.parse_method(str(m)) == m
   for name in quant.QUANTIZERS.names():  # every registered quantizer is a method
     assert recipe.parse_method(name).quantizer == name
-  for bad in ["dorefa", "pauta", "fp+aqd", "pq+aqd+aqd", "pq+kd", "", "aqd"]:
+  for bad in ["dorefa", "pauta", "fp+aqd", "pq+aqd+aqd", "pq+xd", "fp+kd", "", "aqd"]:
     with pytest.raises(ValueError, match="method="):
       recipe.parse_method(bad)
 
