@@ -147,9 +147,30 @@ def verdicts(rows: Sequence[dict]) -> List[dict]:
     gain = m - bm
     enough = len(xs) >= 3 and len(base) >= 3
     out.append({"regime": regime, "method": method, "n": len(xs), "top1": m, "std": s,
-                "pq": bm, "pq_std": bs, "gain": gain,
+                "pq": bm, "pq_std": bs, "pq_n": len(base), "gain": gain,
                 "helps": enough and gain >= 0.3 and gain > max(s, bs)})
   return out
+
+
+def summary_markdown(rows: Sequence[dict]) -> str:
+  """The test-set table: per regime and method, top-1 mean +- std (seeds), the gain over
+  pq and the verdict by issue 21's rule."""
+  cells: Dict[Tuple[str, str], List[float]] = {}
+  for r in rows:
+    if r["split"] == "test":
+      cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  verdict = {(v["regime"], v["method"]): v for v in verdicts(rows)}
+  lines = ["| regime | method | test top-1 (%) | seeds | gain over pq | helps? |",
+           "|---|---|---|---|---|---|"]
+  for (regime, method), xs in sorted(cells.items()):
+    m, s = sweep_report.mean_std(xs)
+    v = verdict.get((regime, method))
+    gain = "–" if v is None else f"{v['gain']:+.2f}"
+    helps = "–" if v is None else ("yes" if v["helps"] else
+                                    "no" if min(v["n"], v["pq_n"]) >= 3 else
+                                    "not yet (< 3 seeds)")
+    lines.append(f"| {regime} | {method} | {m:.2f} ± {s:.2f} | {len(xs)} | {gain} | {helps} |")
+  return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
@@ -209,6 +230,8 @@ def main(argv):
   sweep_report.write_csv(os.path.join(out, "distill_regimes.csv"), rows, CSV_FIELDS)
   if any(r["split"] == "test" for r in rows):
     plot(rows, os.path.join(out, "distill_regimes.png"))
+    with open(os.path.join(out, "distill_regimes.md"), "w") as f:
+      f.write(summary_markdown(rows))
   for v in verdicts(rows):
     print(f"{v['regime']} {v['method']}: {v['top1']:.2f} +- {v['std']:.2f} (n={v['n']}) vs pq "
           f"{v['pq']:.2f} +- {v['pq_std']:.2f}: gain {v['gain']:+.2f} -> "

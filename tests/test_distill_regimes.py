@@ -77,5 +77,8 @@ def test_verdict_rule_and_report_files(cfg, tmp_path):
     back = list(csv.DictReader(f))
   assert back[1]["aqd_form"] == "attention_transfer" and back[1]["step_s"] == "0.500"
   assert tuple(back[0]) == D.CSV_FIELDS
+  table = D.summary_markdown(rows)
+  assert "| R1 | pq+aqd | 81.10 ± 0.10 | 3 | +1.00 | yes |" in table
+  assert "| R1 | pq+sqd | 80.20 ± 0.10 | 3 | +0.10 | no |" in table
   D.plot(rows, str(tmp_path / "r.png"))
   assert (tmp_path / "r.png").stat().st_size > 1000
