@@ -152,6 +152,13 @@ def verdicts(rows: Sequence[dict]) -> List[dict]:
   return out
 
 
+def verdict_word(v: dict) -> str:
+  """'yes', 'no', or 'not yet (< 3 seeds)' for a `verdicts` row."""
+  if v["helps"]:
+    return "yes"
+  return "no" if min(v["n"], v["pq_n"]) >= 3 else "not yet (< 3 seeds)"
+
+
 def summary_markdown(rows: Sequence[dict]) -> str:
   """The test-set table: per regime and method, top-1 mean +- std (seeds), the gain over
   pq and the verdict by issue 21's rule."""
@@ -166,9 +173,7 @@ def summary_markdown(rows: Sequence[dict]) -> str:
     m, s = sweep_report.mean_std(xs)
     v = verdict.get((regime, method))
     gain = "–" if v is None else f"{v['gain']:+.2f}"
-    helps = "–" if v is None else ("yes" if v["helps"] else
-                                    "no" if min(v["n"], v["pq_n"]) >= 3 else
-                                    "not yet (< 3 seeds)")
+    helps = "–" if v is None else verdict_word(v)
     lines.append(f"| {regime} | {method} | {m:.2f} ± {s:.2f} | {len(xs)} | {gain} | {helps} |")
   return "\n".join(lines) + "\n"
 
@@ -235,7 +240,7 @@ def main(argv):
   for v in verdicts(rows):
     print(f"{v['regime']} {v['method']}: {v['top1']:.2f} +- {v['std']:.2f} (n={v['n']}) vs pq "
           f"{v['pq']:.2f} +- {v['pq_std']:.2f}: gain {v['gain']:+.2f} -> "
-          f"{'helps' if v['helps'] else 'does not help'}", flush=True)
+          f"helps: {verdict_word(v)}", flush=True)
 
 
 if __name__ == "__main__":
