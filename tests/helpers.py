@@ -32,3 +32,16 @@ def host_variables(module, *args, seed: int = 0, step: float = 1.0, **kwargs):
     return np.zeros(s.shape, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def tiny_fp_config(**overrides):
+  """The tests' tiny FP run: the quick start's config, vig_digits, 4 steps of batch 32, no
+  pretraining phase, a checkpoint every 2 steps; `overrides` set fields on top."""
+  from experiments.configs import quickstart  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config()
+  c.pretrain_fp_epochs, c.method, c.num_steps, c.batch_size = 0.0, "fp", 4, 32
+  c.eval_batch_size, c.log_every, c.checkpoint_every, c.progress = 400, 1, 2, False
+  c.eval_every_epochs = 0.0
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c

@@ -16,21 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import quickstart
+
+import helpers
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import experiment, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**kw):
-  """test_experiment's tiny FP run: vig_digits, 4 steps."""
-  c = quickstart.get_config()
-  c.pretrain_fp_epochs, c.method, c.num_steps, c.batch_size = 0.0, "fp", 4, 32
-  c.eval_batch_size, c.log_every, c.checkpoint_every, c.progress = 400, 1, 2, False
-  for k, v in kw.items():
-    setattr(c, k, v)
-  return c
+_config = helpers.tiny_fp_config  # the tiny FP run every run test shares
 
 
 def _cli(module, *args, timeout=600, **kw):

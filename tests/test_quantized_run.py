@@ -4,18 +4,12 @@ stopped at a checkpoint and resumed ends bit-identical to one that ran through."
 import jax
 import numpy as np
 
-from experiments.configs import quickstart
+import helpers
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import experiment
 
 
-def _config(**kw):
-  c = quickstart.get_config()
-  c.pretrain_fp_epochs, c.method, c.num_steps, c.batch_size = 0.0, "fp", 4, 32
-  c.eval_batch_size, c.log_every, c.checkpoint_every, c.progress = 400, 1, 2, False
-  for k, v in kw.items():
-    setattr(c, k, v)
-  return c
+_config = helpers.tiny_fp_config  # the tiny FP run every run test shares
 
 
 def test_init_from_copies_the_fp_weights_and_a_resumed_qat_run_is_bit_identical(tmp_path):
