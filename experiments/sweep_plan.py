@@ -62,6 +62,23 @@ def parse_sweeps(spec: str) -> List[Tuple[str, str, int, List[str]]]:
   return out
 
 
+def parse_fixed(spec: str) -> List[Tuple[str, str, str]]:
+  """'lam:pq:2.5;quant_lr:n2uq:5e-5' -> [(field, method, value)]: settings chosen earlier.
+
+  A config's `fixed` settings stand in for sweep winners that an earlier sweep or screen
+  chose (e.g. on an earlier FP checkpoint): they apply to methods as winners do
+  (`winner_applies`), per (field, method), so one field may take different values for
+  different methods (LSQ's and N2UQ's step learning rates).
+  """
+  out = []
+  for item in filter(None, spec.split(";")):
+    parts = item.split(":")
+    if len(parts) != 3 or not all(parts):
+      raise ValueError(f"fixed setting {item!r}: expected 'field:method:value'")
+    out.append(tuple(parts))
+  return out
+
+
 def qat_run(cfg, workdir: str, method: str, bits: int, seed: int, eval_on: str,
             extra: Sequence[Tuple[str, str]] = (), tag: str = "") -> Run:
   name = f"{method.replace('+', '_')}_w{bits}a{bits}_s{seed}{tag}"
@@ -173,13 +190,19 @@ def winner_applies(swept: Sequence[Tuple[str, str]], field: str, method: str) ->
 
 
 def main_runs(cfg, workdir: str, winners: Dict[str, str]) -> List[Run]:
-  """The main table's runs, in main_cells order, each with the sweep winners it uses."""
+  """The main table's runs, in main_cells order, each with the sweep winners it uses.
+
+  cfg.fixed settings (parse_fixed) apply like winners and take precedence over them.
+  """
   swept = [(f, m) for f, m, _, _ in parse_sweeps(cfg.sweeps)]
+  fixed = parse_fixed(cfg.get("fixed", ""))
   runs = []
   for bits, s in main_cells(cfg):
     methods = cfg.w3_methods.split(",") if bits == 3 else cfg.methods.split(",")
     for method in methods:
-      extra = tuple((k, v) for k, v in winners.items() if winner_applies(swept, k, method))
+      chosen = {k: v for k, v in winners.items() if winner_applies(swept, k, method)}
+      chosen.update({k: v for k, m, v in fixed if winner_applies([(k, m)], k, method)})
+      extra = tuple(chosen.items())
       runs.append(qat_run(cfg, workdir, method, bits, s, "test", extra))
   return runs
 

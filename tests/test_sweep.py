@@ -235,3 +235,22 @@ def test_sweep_without_config_is_a_usage_error():
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
   assert "--config is required" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fixed_settings_apply_per_method_and_override_winners():
+  """cfg.fixed: settings chosen earlier apply like winners, per (field, method)."""
+  from experiments.configs import fashion_mnist_claims_cpu
+  cfg = fashion_mnist_claims_cpu.get_config()
+  runs = {r.name: dict(r.overrides)
+          for r in sweep_plan.main_runs(cfg, "/w", {"lam": "3", "aqd_alpha": "1"})}
+  assert len(runs) == 7 * (3 + 2 + 2)
+  assert runs["lsq_w3a3_s1"]["quant_lr"] == "5e-3"
+  assert runs["n2uq_w2a2_s0"]["quant_lr"] == "5e-5"
+  assert "quant_lr" not in runs["pq_w2a2_s0"] and "lam" not in runs["n2uq_w4a4_s0"]
+  assert runs["pq_w4a4_s0"]["lam"] == "2.5"  # fixed beats the sweep's winner
+  assert runs["pq_aqd_sqd_w2a2_s2"]["sqd_form"] == "stochastic_channels"
+  assert runs["pq_aqd_sqd_w2a2_s2"]["aqd_alpha"] == "0.3"
+  assert "sqd_form" not in runs["pq_aqd_w2a2_s0"] and "aqd_form" not in runs["pq_sqd_w2a2_s0"]
+  assert runs["minmax_w2a2_s0"]["w_symmetric"] == "True"  # a grid field reaches min-max
+  with pytest.raises(ValueError, match="field:method:value"):
+    sweep_plan.parse_fixed("lam:pq")
