@@ -1,7 +1,7 @@
 """Quantizer sites through the public API: `qat.quantize_model(plain_model, rules)`.
 
-Ported from the tests of the old hand-wired quantized layers (tests/legacy/layers.py,
-the former tests/test_layers.py): rules and their validation, the call-time modes, the weight
+Ported from the tests of the old hand-wired quantized layers (tests/legacy/layers.py until
+issue 25, the former tests/test_layers.py): rules and their validation, the call-time modes, the weight
 and input each op really uses (Dense, Conv, grouped dense), quantizer state (LSQ
 steps, EMA activation ranges) and the registry entries' synchronised batch ranges.
 

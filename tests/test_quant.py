@@ -1,5 +1,7 @@
-"""Tests of qgnn_jax.quant (SPEC §1): grids, STE/LSQ gradients, PQ ranges,
+"""Tests of qgnn_jax.quant (docs/METHOD.md, "Definitions"): grids, STE/LSQ gradients, PQ ranges,
 transformations, dtypes, validation, degenerate input, integer form."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from jax.experimental import checkify
 
 from qgnn_jax import quant as q
+from qgnn_jax.quant import grid
 
 FAST = settings(max_examples=10, deadline=None, derandomize=True)
 # Most tests use a few shapes (compilations are cached across tests).
@@ -488,7 +491,7 @@ def test_bfloat16_ranges_are_float32_and_other_ops():
   assert q.fake_quant(xb, lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16), 4).dtype == \
       jnp.bfloat16
   assert q.lsq_quantize(xb, jnp.bfloat16(0.25), 4).dtype == jnp.bfloat16
-  assert q.stochastic_round(xb, jax.random.PRNGKey(0)).dtype == jnp.bfloat16
+  assert stochastic_round(xb, jax.random.PRNGKey(0)).dtype == jnp.bfloat16
   codes, scale, zp = q.quantize_int(xb, 4, lo, hi)
   assert codes.dtype == jnp.int32 and scale.dtype == jnp.float32
 
@@ -512,6 +515,24 @@ def test_bad_bits(bits):
                lambda: q.unpack_bits(np.zeros(4, np.uint8), bits, 4)):
     with pytest.raises(ValueError, match=r"bits=.*\[2, 16\]"):
       call()
+
+
+def test_check_bits_is_each_quantizers_range():
+  assert q.check_bits("pq", 16) == 16 and q.check_bits("n2uq", np.int64(8)) == 8
+  assert q.bit_range("n2uq") == (2, 8) and q.bit_range("lsq") == q.bit_range(None) == (2, 16)
+  with pytest.raises(ValueError, match=r"a_bits=9 is out of range for n2uq; valid range is "
+                                       r"\[2, 8\]"):
+    q.check_bits("n2uq", 9, field="a_bits")
+  with pytest.raises(ValueError, match=r"bits=17 is out of range; valid range is \[2, 16\]"):
+    q.check_bits(None, 17)
+  with pytest.raises(ValueError, match="unknown quantizer 'dorefa'"):
+    q.check_bits("dorefa", 4)
+
+  class Wide(q.Quantizer):
+    name, max_bits = "wide", 20
+
+  with pytest.raises(ValueError, match=r"bit range \[2, 20\]"):
+    q.QUANTIZERS.register(Wide())
 
 
 @pytest.mark.parametrize("lam", [0.0, -1.0, float("nan"), float("inf")])
@@ -581,7 +602,7 @@ def test_non_finite_eager_raises(bad):
            lambda: q.pauta_range(x), lambda: q.pauta_quantize(x, 4),
            lambda: q.minmax_range(x), lambda: q.minmax_quantize(x, 4, channel_axis=0),
            lambda: q.lsq_quantize(x, jnp.float32(0.1), 4), lambda: q.lsq_init_step(x, 4),
-           lambda: q.stochastic_round(x, jax.random.PRNGKey(0)),
+           lambda: stochastic_round(x, jax.random.PRNGKey(0)),
            lambda: q.quantize_int(x, 4, 0.0, 1.0), lambda: q.check_finite(x, "acts"),
            lambda: q.fake_quant(np.ones(3, np.float32), 0.0, bad, 4),
            lambda: q.lsq_quantize(np.ones(3, np.float32), bad, 4)]
@@ -648,7 +669,7 @@ def test_empty_tensor(shape):
   x = jnp.zeros(shape, jnp.bfloat16)
   for out in (q.fake_quant(x, 0.0, 1.0, 4), q.pauta_quantize(x, 4),
               q.minmax_quantize(x, 4, symmetric=True), q.lsq_quantize(x, 0.1, 4),
-              q.stochastic_round(x, jax.random.PRNGKey(0)),
+              stochastic_round(x, jax.random.PRNGKey(0)),
               q.pauta_quantize(x, 4, channel_axis=-1)):
     assert out.shape == shape and out.dtype == jnp.bfloat16
   lo, hi = q.pauta_range(x, channel_axis=0)
@@ -729,14 +750,46 @@ def test_pack_bits_layout():
 
 
 # ----------------------------------------------------------------------------
-# Stochastic rounding
+# Stochastic rounding (no quantizer of the library uses it: it lives here, on the
+# library's public grid helpers, with the test of its maths)
 # ----------------------------------------------------------------------------
+
+@jax.custom_vjp
+def _stochastic_round(x, key):
+  xc = x.astype(grid.compute_dtype(x.dtype))
+  f = jnp.floor(xc)
+  u = jax.random.uniform(key, x.shape, xc.dtype)
+  return (f + (u < xc - f).astype(xc.dtype)).astype(x.dtype)
+
+
+_stochastic_round.defvjp(lambda x, key: (_stochastic_round(x, key), None),
+                         lambda _, g: (g, None))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _stochastic_round_entry(x, key, check):
+  return _stochastic_round(x, key), (grid.nonfinite_flags(x) if check else None)
+
+
+def stochastic_round(x, key):
+  """Unbiased stochastic rounding to integers, E[stochastic_round(x)] = x: each element
+  becomes floor(x) + 1 with probability x - floor(x), else floor(x); x's shape and dtype;
+  straight-through gradient; ValueError for non-float x and (eager) NaN/Inf."""
+  x = grid.as_float(x)
+  if x.size == 0:
+    return jnp.asarray(x)
+  check = grid.all_concrete(x)
+  out, bad = _stochastic_round_entry(x, key, check)
+  if check:
+    grid.raise_nonfinite(bad, ("x",))
+  return out
+
 
 def test_stochastic_round_unbiased():
   x = jnp.float32([0.3, -1.7, 2.5, 4.0, -0.01])
   n = 20000
   keys = jax.random.split(jax.random.PRNGKey(0), n)
-  samples = np.asarray(jax.jit(jax.vmap(q.stochastic_round, in_axes=(None, 0)))(x, keys))
+  samples = np.asarray(jax.jit(jax.vmap(stochastic_round, in_axes=(None, 0)))(x, keys))
   assert np.all(samples == np.round(samples))
   assert np.all((samples == np.floor(x)) | (samples == np.ceil(x)))
   frac = np.asarray(x - jnp.floor(x))
@@ -744,5 +797,5 @@ def test_stochastic_round_unbiased():
   assert np.all(np.abs(samples.mean(0) - np.asarray(x)) <= tol)
   np.testing.assert_array_equal(samples[:, 3], 4.0)  # integers stay exact
   # typed keys work too; straight-through gradient
-  g = jax.grad(lambda x: jnp.sum(q.stochastic_round(x, jax.random.key(2)) * 3.0))(x)
+  g = jax.grad(lambda x: jnp.sum(stochastic_round(x, jax.random.key(2)) * 3.0))(x)
   np.testing.assert_array_equal(g, 3.0)

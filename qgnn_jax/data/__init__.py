@@ -1,4 +1,5 @@
-"""Input pipelines (SPEC §5): named datasets, offline sources, sharded resumable batching.
+"""Input pipelines (docs/METHOD.md, "Data"): named datasets, offline sources, sharded
+resumable batching.
 
 Modules, one concern each:
 

@@ -40,7 +40,7 @@ MODELS.update(PYRAMID_MODELS)
 # Module paths of every registered model's layer groups (regexes, fully matched against
 # '/'-joined module paths), from which quantization rules are built (`qgnn_jax.recipe`):
 #   body: every Dense / 1x1 conv of Grapher, graph conv and FFN, and the pyramid's
-#         Downsample convs (SPEC §2: quantized);
+#         Downsample convs (quantized: docs/METHOD.md, "Quantized layers");
 #   stem_rest: the stem convs after the first (full precision by default; the first
 #         stays full precision always); head: hidden layer and classifier.
 LAYER_GROUPS: Dict[str, str] = {

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qgnn_jax import conv, graph
-from qgnn_jax.models.batchnorm import BatchNorm, gelu  # pylint: disable=unused-import
+from qgnn_jax.models.batchnorm import BatchNorm
 
 
 # A variable collection that replaces the k-NN search: `model.apply({..., NEIGHBORS:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 from qgnn_jax import quant
-from qgnn_jax.quant.quantizers import DEFAULT_LAM
-from qgnn_jax.quant.registry import GRIDS, OperandSpec, Quantizer
+from qgnn_jax.quant.registry import (DEFAULT_LAM, GRANULARITIES, GRIDS, OperandSpec, Quantizer,
+                                     QuantizerLike)
 
-GRANULARITIES = ("tensor", "channel")
 OPS = ("dot_general", "conv_general_dilated", "einsum")
-QuantizerLike = Union[str, Quantizer, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +28,8 @@ class QuantRule:
       module that calls the op ("" is the top module).
     w_quantizer / a_quantizer: registry name (`qgnn_jax.quant.QUANTIZERS`), a
       `Quantizer` instance, or None (that operand stays full precision).
-    w_bits / a_bits: int in [2, 16].
+    w_bits / a_bits: int in the quantizer's range (`quant.check_bits`: [2, 16], N2UQ
+      [2, 8]; [2, 16] for an operand left in full precision).
     w_granularity / a_granularity: "channel" (weights: one range per output channel;
       activations: one per input channel of the op) or "tensor".
     w_symmetric / a_symmetric: grid [-a, a] or [lo, hi] (range quantizers; LSQ's grid
@@ -40,8 +39,8 @@ class QuantRule:
       (non-negative by construction, e.g. after ReLU: [0, 2^b - 1], as the LSQ paper),
       "offset" (GELU/Swish-like: LSQ+'s learnable offset on the unsigned grid).
     range_grad: range quantizers (PQ, min-max) pass the clipped region's gradient to
-      the range and through PQ's mu, sigma to the operand (False, the default and
-      SPEC's: stop-gradient, the range is a constant).
+      the range and through PQ's mu, sigma to the operand (False, the default:
+      stop-gradient, the range is a constant; docs/METHOD.md, "Choices").
     lam: PQ's lambda (clip at mu +- lam sigma); default `quant.DEFAULT_LAM` (2.5, the
       W2A2 validation winner; docs/METHOD.md, "One lambda default").
     ema_momentum: of the activation-range EMA used at evaluation, in [0, 1).
@@ -78,10 +77,9 @@ class QuantRule:
     if bad:
       raise ValueError(f"op_names={self.op_names!r}; valid: a subset of {OPS}")
     object.__setattr__(self, "op_names", tuple(self.op_names))
-    for name in ("w_bits", "a_bits"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
-        raise ValueError(f"{name}={v!r}; valid: int in [2, 16]")
+    for op in ("w", "a"):
+      quant.check_bits(getattr(self, f"{op}_quantizer"), getattr(self, f"{op}_bits"),
+                       field=f"{op}_bits")
     if self.a_grid not in GRIDS:
       raise ValueError(f"a_grid={self.a_grid!r}; valid: {GRIDS}")
     for name in ("w_symmetric", "a_symmetric", "range_grad"):

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from qgnn_jax.qat.rules import QuantRule
-from qgnn_jax.quant.registry import OperandSpec, Quantizer, validate_bits
+from qgnn_jax.quant.grid import validate_bits
+from qgnn_jax.quant.registry import OperandSpec, Quantizer
 
 MODES = ("fp", "quant", "stochastic")
 SITE_PREFIX = "quant"

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
+from qgnn_jax import quant
 from qgnn_jax.qat import context
 from qgnn_jax.qat import model as qat_model
 from qgnn_jax.qat import nnx_bridge
@@ -121,7 +122,8 @@ def trained_sites(variables: Mapping[str, Any]) -> Dict[str, Optional[int]]:
           out.setdefault(key, None)
           if col == "quant_stats" and names[i + 1:] == ["site"]:
             bits = int(jax.device_get(value))
-            out[key] = bits if 2 <= bits <= 16 else None  # 0: not recorded (hand-made)
+            # 0: not recorded (hand-made)
+            out[key] = bits if quant.MIN_BITS <= bits <= quant.MAX_BITS else None
           break
   return out
 

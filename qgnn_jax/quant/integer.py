@@ -8,8 +8,8 @@ max(|lo|, |hi|)). ``pack_bits``/``unpack_bits`` store b-bit codes densely
 (LSB-first bit stream, so 3-bit codes straddle byte boundaries) for export and
 for reporting a model's real size.
 
-Any quantizer maps to a range: PQ -> ``pauta_range``, min-max ->
-``minmax_range``, LSQ -> ``lsq_range(step, bits, signed)``.
+Any uniform quantizer maps to a range: PQ -> ``pauta_range``, min-max ->
+``minmax_range``, LSQ -> ``lsq_range(step, bits, signed)`` (N2UQ's codes: ``n2uq_int``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qgnn_jax.quant.quantizers import (Array, ArrayLike, _as_float, _check_broadcast,
-                                       _compute_dtype, _concrete, _is_traced, _levels,
-                                       _nonfinite_counts, _param, _raise_nonfinite,
-                                       validate_bits)
+from qgnn_jax.quant import grid
+from qgnn_jax.quant.grid import Array, ArrayLike
 
 __all__ = ["quantize_int", "dequantize", "pack_bits", "unpack_bits", "packed_nbytes"]
 
@@ -47,7 +45,8 @@ def quantize_int(x: ArrayLike, bits: int, lo: ArrayLike, hi: ArrayLike,
       [-(2^(b-1) - 1), 2^(b-1) - 1].
     scale: compute dtype (float32 for bf16/f32 x), shape broadcast(lo, hi).
     zero_point: same dtype/shape as scale. Asymmetric: -lo / scale (a real
-      number: the SPEC's grid is anchored at lo, not at 0); symmetric: 0.
+      number: the asymmetric grid is anchored at lo, not at 0; docs/METHOD.md,
+      "Definitions"); symmetric: 0.
     A degenerate range (hi <= lo, or a == 0) gives codes 0, scale 1 and
     zero_point -lo (asymmetric), so a constant tensor with lo == hi == c
     dequantizes to exactly c.
@@ -55,22 +54,22 @@ def quantize_int(x: ArrayLike, bits: int, lo: ArrayLike, hi: ArrayLike,
   Not differentiable (integer output). Empty x gives empty codes.
   Raises ValueError for bad bits, mismatched shapes, (eager) NaN/Inf.
   """
-  bits = validate_bits(bits)
-  x = _as_float(x)
-  lo, hi = _param(lo, "lo"), _param(hi, "hi")
-  _check_broadcast(x.shape, lo=jnp.shape(lo), hi=jnp.shape(hi))
-  check = _concrete(x, lo, hi)
+  bits = grid.validate_bits(bits)
+  x = grid.as_float(x)
+  lo, hi = grid.as_param(lo, "lo"), grid.as_param(hi, "hi")
+  grid.check_broadcast(x.shape, lo=jnp.shape(lo), hi=jnp.shape(hi))
+  check = grid.all_concrete(x, lo, hi)
   codes, scale, zero_point, bad = _quantize_int_entry(
-      x, lo, hi, _levels(bits, bool(symmetric)), bool(symmetric), check)
+      x, lo, hi, grid.levels(bits, bool(symmetric)), bool(symmetric), check)
   if check:
-    _raise_nonfinite(bad, ("x", "lo", "hi"))
+    grid.raise_nonfinite(bad, ("x", "lo", "hi"))
   return codes, scale, zero_point
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _quantize_int_entry(x, lo, hi, levels, symmetric, check):
-  cdt = _compute_dtype(x.dtype)
-  bad = _nonfinite_counts(x, lo, hi) if check else None
+  cdt = grid.compute_dtype(x.dtype)
+  bad = grid.nonfinite_flags(x, lo, hi) if check else None
   xc, lo, hi = x.astype(cdt), jnp.asarray(lo, cdt), jnp.asarray(hi, cdt)
   lo, hi = jnp.broadcast_arrays(lo, hi)
   if symmetric:
@@ -97,13 +96,13 @@ def dequantize(codes: ArrayLike, scale: ArrayLike, zero_point: ArrayLike) -> Arr
   broadcast. Differentiable w.r.t. scale and zero_point (plain arithmetic).
   """
   scale = jnp.asarray(scale)
-  cdt = _compute_dtype(scale.dtype)
+  cdt = grid.compute_dtype(scale.dtype)
   return scale.astype(cdt) * (jnp.asarray(codes).astype(cdt) - jnp.asarray(zero_point, cdt))
 
 
 def packed_nbytes(n: int, bits: int) -> int:
   """Bytes ``pack_bits`` uses for ``n`` codes of ``bits`` bits: ceil(n*bits/8)."""
-  return math.ceil(int(n) * validate_bits(bits) / 8)
+  return math.ceil(int(n) * grid.validate_bits(bits) / 8)
 
 
 def pack_bits(codes: ArrayLike, bits: int) -> Array:
@@ -113,7 +112,7 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
   stream position i*b + k; byte j holds stream bits 8j..8j+7 (LSB first).
   So 8-bit codes are one byte each, 4-bit two per byte, 2-bit four per byte,
   and 3-bit codes cross byte boundaries. Works for any bits in [2, 16]
-  (the SPEC needs 2, 3, 4, 8). Negative codes (symmetric grids) are stored in
+  (the method uses 2, 3, 4 and 8). Negative codes (symmetric grids) are stored in
   b-bit two's complement; read them back with ``unpack_bits(..., signed=True)``.
 
   Args:
@@ -126,12 +125,12 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
   Raises ValueError for bad bits, non-integer codes, and (eager) codes outside
   the b-bit range.
   """
-  bits = validate_bits(bits)
-  codes = codes if _is_traced(codes) else jnp.asarray(codes)
+  bits = grid.validate_bits(bits)
+  codes = codes if grid.is_traced(codes) else jnp.asarray(codes)
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
-  check = not _is_traced(codes) and codes.size > 0
-  if not _is_traced(codes):  # eager: numpy, no compile per shape (export of a whole model)
+  check = not grid.is_traced(codes) and codes.size > 0
+  if not grid.is_traced(codes):  # eager: numpy, no compile per shape (export of a whole model)
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     if check and (flat.min() < -(2 ** (bits - 1)) or flat.max() > 2 ** bits - 1):
       raise ValueError(f"codes in [{flat.min()}, {flat.max()}] do not fit in bits={bits}; valid "
@@ -139,7 +138,7 @@ def pack_bits(codes: ArrayLike, bits: int) -> Array:
     stream = ((flat[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
     return jnp.asarray(np.packbits(stream, bitorder="little"))
   packed, span = _pack_entry(codes, bits, check)
-  if check and not _is_traced(span):
+  if check and not grid.is_traced(span):
     cmin, cmax = int(span[0]), int(span[1])
     if cmin < -(2 ** (bits - 1)) or cmax > 2 ** bits - 1:
       raise ValueError(f"codes in [{cmin}, {cmax}] do not fit in bits={bits}; valid range "
@@ -171,20 +170,20 @@ def unpack_bits(packed: ArrayLike, bits: int, n: Union[int, Sequence[int]],
   Returns: int32 codes of shape (n,) or ``n``. Not differentiable.
   Raises ValueError for bad bits, negative n, non-uint8 or too short packed.
   """
-  bits = validate_bits(bits)
+  bits = grid.validate_bits(bits)
   shape = (int(n),) if isinstance(n, (int,)) or hasattr(n, "__index__") else tuple(
       int(d) for d in n)
   if any(d < 0 for d in shape):
     raise ValueError(f"n={n!r} must be a non-negative int or shape")
   count = math.prod(shape)
-  packed = packed if _is_traced(packed) else jnp.asarray(packed)
+  packed = packed if grid.is_traced(packed) else jnp.asarray(packed)
   if packed.dtype != jnp.uint8:
     raise ValueError(f"packed must be uint8, got {packed.dtype}")
   need = packed_nbytes(count, bits)
   if packed.size < need:
     raise ValueError(f"packed has {packed.size} bytes but {count} codes of {bits} bits "
                      f"need {need}")
-  if not _is_traced(packed):  # eager: numpy, no compile per shape
+  if not grid.is_traced(packed):  # eager: numpy, no compile per shape
     stream = np.unpackbits(np.asarray(packed).reshape(-1)[:need], bitorder="little")
     codes = (stream[:count * bits].reshape(count, bits).astype(np.int64)
              << np.arange(bits)).sum(axis=1)

@@ -50,7 +50,7 @@ Delta.
 Init (``n2uq_init``): the official code starts from uniform rounding of [0, 2] (s = 0,
 a_i = 2/N, output step 2/N). We keep that shape, uniform thresholds at the midpoints
 of a uniform output grid (so the initial forward is uniform round-to-nearest), but
-take the range from the sample x with the Pauta rule (SPEC §1.1, lambda = 3), all
+take the range from the sample x with the Pauta rule (docs/METHOD.md, "Definitions"; lambda = 3), all
 stop-gradient:
 
   unsigned: hi = min(max x, mean x + 3 std x)   (max|x| if that is <= 0)
@@ -90,12 +90,10 @@ from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from qgnn_jax.quant import grid
+from qgnn_jax.quant.grid import Array, ArrayLike
 from qgnn_jax.quant.registry import OperandSpec, Quantizer
-from qgnn_jax.quant.quantizers import (Array, ArrayLike, _as_float, _compute_dtype,
-                                       _concrete, _nonfinite_counts,
-                                       _raise_nonfinite)
 
 N2UQ_MIN_BITS = 2
 N2UQ_MAX_BITS = 8
@@ -116,13 +114,7 @@ __all__ = ["N2UQ", "N2UQ_MIN_BITS", "N2UQ_MAX_BITS", "N2UQ_MIN_WIDTH", "n2uq_ini
 # ----------------------------------------------------------------------------
 
 def _validate_bits(bits: Any) -> int:
-  if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-    raise ValueError(f"bits={bits!r} (type {type(bits).__name__}) must be a Python int in "
-                     f"[{N2UQ_MIN_BITS}, {N2UQ_MAX_BITS}] for n2uq")
-  if not N2UQ_MIN_BITS <= int(bits) <= N2UQ_MAX_BITS:
-    raise ValueError(f"bits={bits} is out of range for n2uq; valid range is "
-                     f"[{N2UQ_MIN_BITS}, {N2UQ_MAX_BITS}]")
-  return int(bits)
+  return grid.validate_bits(bits, N2UQ_MIN_BITS, N2UQ_MAX_BITS, quantizer="n2uq")
 
 
 def _param_shapes(bits: int) -> Dict[str, Tuple[int, ...]]:
@@ -219,14 +211,14 @@ _n2uq.defvjp(_n2uq_fwd, _n2uq_bwd)
 # ----------------------------------------------------------------------------
 
 def _cast_params(x, start, widths, step):
-  cdt = _compute_dtype(x.dtype)
+  cdt = grid.compute_dtype(x.dtype)
   return start.astype(cdt), widths.astype(cdt), step.astype(cdt)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _quantize_entry(x, start, widths, step, signed, check):
   out = _n2uq(x, *_cast_params(x, start, widths, step), signed)
-  return out, (_nonfinite_counts(x, start, widths, step) if check else None)
+  return out, (grid.nonfinite_flags(x, start, widths, step) if check else None)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
@@ -236,12 +228,12 @@ def _int_entry(x, start, widths, step, signed, check):
   codes = _codes(x.astype(s.dtype), s, w)
   zp = jnp.asarray(_zero(widths.shape[0], signed), jnp.int32)
   return ((codes, st.astype(jnp.float32), zp),
-          (_nonfinite_counts(x, start, widths, step) if check else None))
+          (grid.nonfinite_flags(x, start, widths, step) if check else None))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _init_entry(x, bits, signed, check):
-  cdt = _compute_dtype(x.dtype)
+  cdt = grid.compute_dtype(x.dtype)
   xs = jax.lax.stop_gradient(x).astype(cdt)
   n = 2 ** bits - 1
   mu = jnp.mean(xs)
@@ -259,7 +251,7 @@ def _init_entry(x, bits, signed, check):
   params = {"start": start.astype(jnp.float32),
             "widths": jnp.full((n,), step, jnp.float32),
             "step": step.astype(jnp.float32)}
-  return params, (_nonfinite_counts(x) if check else None)
+  return params, (grid.nonfinite_flags(x) if check else None)
 
 
 # ----------------------------------------------------------------------------
@@ -287,13 +279,13 @@ def n2uq_init(x: ArrayLike, bits: int, signed: bool = False) -> Dict[str, Array]
     ValueError: bad bits, non-float x, (eager) NaN/Inf in x.
   """
   bits = _validate_bits(bits)
-  x = _as_float(x)
+  x = grid.as_float(x)
   if x.size == 0:
     x = jnp.zeros((1,), x.dtype)
-  check = _concrete(x)
+  check = grid.all_concrete(x)
   params, bad = _init_entry(x, bits, bool(signed), check)
   if check:
-    _raise_nonfinite(bad, ("x",))
+    grid.raise_nonfinite(bad, ("x",))
   return params
 
 
@@ -327,14 +319,14 @@ def n2uq_quantize(x: ArrayLike, params: Dict[str, ArrayLike], bits: int,
       non-float x; (eager only) NaN/Inf in x or params.
   """
   bits = _validate_bits(bits)
-  x = _as_float(x)
+  x = grid.as_float(x)
   start, widths, step = _validate_params(params, bits)
   if x.size == 0:
     return jnp.asarray(x)
-  check = _concrete(x, start, widths, step)
+  check = grid.all_concrete(x, start, widths, step)
   out, bad = _quantize_entry(x, start, widths, step, bool(signed), check)
   if check:
-    _raise_nonfinite(bad, ("x", "params['start']", "params['widths']", "params['step']"))
+    grid.raise_nonfinite(bad, ("x", "params['start']", "params['widths']", "params['step']"))
   return out
 
 
@@ -350,12 +342,12 @@ def n2uq_int(x: ArrayLike, params: Dict[str, ArrayLike], bits: int,
   Not differentiable (stop-gradient). Same arguments and errors as n2uq_quantize.
   """
   bits = _validate_bits(bits)
-  x = _as_float(x)
+  x = grid.as_float(x)
   start, widths, step = _validate_params(params, bits)
-  check = _concrete(x, start, widths, step)
+  check = grid.all_concrete(x, start, widths, step)
   (codes, scale, zp), bad = _int_entry(x, start, widths, step, bool(signed), check)
   if check and x.size:
-    _raise_nonfinite(bad, ("x", "params['start']", "params['widths']", "params['step']"))
+    grid.raise_nonfinite(bad, ("x", "params['start']", "params['widths']", "params['step']"))
   return codes, scale, zp
 
 
@@ -366,6 +358,7 @@ class N2UQ(Quantizer):
   (the paper's unsigned grid follows a ReLU-like activation)."""
   name = "n2uq"
   learnable = PARAM_KEYS
+  min_bits, max_bits = N2UQ_MIN_BITS, N2UQ_MAX_BITS  # 2^b - 1 learnable widths per tensor
 
   def init_params(self, x, spec: OperandSpec):
     return n2uq_init(x, spec.bits, signed=True)

@@ -29,14 +29,23 @@ Adding a quantizer is one module with a `Quantizer` subclass plus one line in
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Dict, Iterable, Optional, Tuple
+from typing import ClassVar, Dict, Iterable, Optional, Tuple, Union
 
 import jax
 
-from qgnn_jax.quant.quantizers import DEFAULT_LAM, validate_bits, validate_lam
+from qgnn_jax.quant.grid import MAX_BITS, MIN_BITS, validate_bits, validate_lam
 
 Array = jax.Array
 State = Dict[str, Array]
+QuantizerLike = Union[str, "Quantizer", None]
+# PQ's lambda, the library's default (QuantRule, OperandSpec, the run configs): the W2A2
+# validation winner for QAT. The bare functions pauta_range / pauta_quantize default to the
+# Pauta criterion itself (pq.PAUTA_CRITERION_LAM = 3.0); post-training quantization searches
+# lambda per site (qgnn_jax.qat.ptq). docs/METHOD.md, "One lambda default".
+DEFAULT_LAM = 2.5
+# Weights one range (or parameter set) per output channel, activations per input channel
+# of the op ("channel"), or one per tensor ("tensor").
+GRANULARITIES = ("tensor", "channel")
 # What an activation input looks like, for quantizers whose grid depends on it (LSQ):
 # "signed" any sign; "unsigned" non-negative by construction (after ReLU); "offset"
 # GELU/Swish-like (bounded below near 0), LSQ+'s learnable offset. Range quantizers
@@ -48,13 +57,16 @@ GRIDS = ("signed", "unsigned", "offset")
 class OperandSpec:
   """How one operand (a weight or an input activation) of one op is quantized (static).
 
-  bits: int in [2, 16]. symmetric: grid [-a, a] (zero exact) or [lo, hi].
+  bits: int in [MIN_BITS, MAX_BITS] = [2, 16] (the quantizer that takes the spec may allow
+    fewer: its entry's min_bits / max_bits, `Registry.check_bits`).
+  symmetric: grid [-a, a] (zero exact) or [lo, hi].
   per_channel: one range (or parameter set) per channel column of the (N, C) operand,
     else one per tensor. lam: PQ's lambda (clip at mu +- lam sigma); other methods
     ignore it. role: "weight" or "act" (for messages and for methods that treat them
     differently). grid: one of GRIDS (LSQ's grid; see GRIDS). range_grad: range
     quantizers pass the clipped region's gradient to lo/hi and on through the
-    statistics mu, sigma of the range (False: stop-gradient, SPEC's default).
+    statistics mu, sigma of the range (False: stop-gradient, the default;
+    docs/METHOD.md, "Choices").
   """
   bits: int = 4
   symmetric: bool = False
@@ -78,13 +90,20 @@ class OperandSpec:
 class Quantizer:
   """Base class of a registry entry (stateless; instances are hashable and static).
 
-  Subclasses set `name`, `learnable` and `tracks_range`, and implement `quantize`
+  Subclasses set `name`, `learnable` and `tracks_range` (and `min_bits` / `max_bits`
+  when they take fewer bit widths than [MIN_BITS, MAX_BITS]), and implement `quantize`
   and `integer`, plus `weight_range`/`batch_range` when `tracks_range` or
   `init_params` when `learnable` is non-empty.
   """
   name: ClassVar[str] = ""
   learnable: ClassVar[Tuple[str, ...]] = ()
   tracks_range: ClassVar[bool] = False
+  min_bits: ClassVar[int] = MIN_BITS
+  max_bits: ClassVar[int] = MAX_BITS
+
+  def check_bits(self, bits, field: str = "bits") -> int:
+    """``bits`` as an int, or ValueError naming the value and this entry's valid range."""
+    return validate_bits(bits, self.min_bits, self.max_bits, self.name, field)
 
   def param_names(self, spec: OperandSpec) -> Tuple[str, ...]:
     """The learnable parameters an operand with this spec uses (a subset of learnable)."""
@@ -138,6 +157,9 @@ class Registry:
     """Adds an entry; its name must be new. Returns it."""
     if not isinstance(quantizer, Quantizer) or not quantizer.name:
       raise TypeError(f"need a Quantizer subclass instance with a name, got {quantizer!r}")
+    if not MIN_BITS <= quantizer.min_bits <= quantizer.max_bits <= MAX_BITS:
+      raise ValueError(f"quantizer {quantizer.name!r}: bit range [{quantizer.min_bits}, "
+                       f"{quantizer.max_bits}] is not within [{MIN_BITS}, {MAX_BITS}]")
     if quantizer.name in self._entries:
       raise ValueError(f"a quantizer named {quantizer.name!r} is already registered")
     if quantizer.name == "fp" or "+" in quantizer.name:
@@ -160,8 +182,23 @@ class Registry:
   def __contains__(self, name: object) -> bool:
     return name in self._entries
 
-  def resolve(self, quantizer) -> Optional[Quantizer]:
+  def resolve(self, quantizer: QuantizerLike) -> Optional[Quantizer]:
     """A name, an instance or None (full precision) -> the entry or None."""
     if quantizer is None or isinstance(quantizer, Quantizer):
       return quantizer
     return self.get(quantizer)
+
+  def check_bits(self, quantizer: QuantizerLike, bits, field: str = "bits") -> int:
+    """The one bit-width check: ``bits`` as an int if the quantizer (a registry name or an
+    entry) takes it, else ValueError naming the field, the value, the quantizer and its
+    valid range (e.g. "a_bits=16 is out of range for n2uq; valid range is [2, 8]").
+    None (full precision) checks against the general [MIN_BITS, MAX_BITS]."""
+    entry = self.resolve(quantizer)
+    if entry is None:
+      return validate_bits(bits, field=field)
+    return entry.check_bits(bits, field)
+
+  def bit_range(self, quantizer: QuantizerLike) -> Tuple[int, int]:
+    """(min_bits, max_bits) of a quantizer; [MIN_BITS, MAX_BITS] for None."""
+    entry = self.resolve(quantizer)
+    return (MIN_BITS, MAX_BITS) if entry is None else (entry.min_bits, entry.max_bits)
