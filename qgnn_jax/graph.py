@@ -210,9 +210,13 @@ def max_relative_dense(x: jax.Array, neighbors: jax.Array,
   return gather_max(x if keys is None else keys, neighbors) - x
 
 
+# The implementations of max_relative (the models' and run configs' `graph_impl`).
+GRAPH_IMPLS = ("dense", "segment")
+
+
 def max_relative(x: jax.Array, neighbors: jax.Array, keys: Optional[jax.Array] = None,
                  impl: str = "dense") -> jax.Array:
-  """Dispatch to the dense or the jraph path. x: (B, N, C) -> (B, N, C)."""
+  """Dispatch to the dense or the jraph path (one of GRAPH_IMPLS). x: (B, N, C) -> (B, N, C)."""
   if impl == "dense":
     return max_relative_dense(x, neighbors, keys)
   if impl == "segment":
@@ -227,4 +231,4 @@ def max_relative(x: jax.Array, neighbors: jax.Array, keys: Optional[jax.Array] =
                + (jnp.arange(b, dtype=jnp.int32) * m)[:, None, None]).reshape(-1)
     graph = graph._replace(senders=senders)
     return max_relative_segment(graph, keys.reshape(b * m, c)).reshape(b, n, c)
-  raise ValueError(f"impl must be 'dense' or 'segment', got {impl!r}")
+  raise ValueError(f"impl={impl!r}; valid: {GRAPH_IMPLS}")
