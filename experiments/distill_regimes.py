@@ -144,11 +144,9 @@ def verdicts(rows: Sequence[dict]) -> List[dict]:
       continue
     m, s = sweep_report.mean_std(xs)
     bm, bs = sweep_report.mean_std(base)
-    gain = m - bm
-    enough = len(xs) >= 3 and len(base) >= 3
+    gain, helps, _ = sweep_report.claim_holds(xs, base, min_gain=0.3, min_seeds=3)
     out.append({"regime": regime, "method": method, "n": len(xs), "top1": m, "std": s,
-                "pq": bm, "pq_std": bs, "pq_n": len(base), "gain": gain,
-                "helps": enough and gain >= 0.3 and gain > max(s, bs)})
+                "pq": bm, "pq_std": bs, "pq_n": len(base), "gain": gain, "helps": helps})
   return out
 
 

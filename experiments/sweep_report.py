@@ -87,18 +87,32 @@ def summarize(results: Sequence[dict], fp_results: Sequence[dict],
   return "\n".join(lines)
 
 
+def claim_holds(a: Sequence[float], b: Sequence[float], min_gain: float = 0.0,
+                min_seeds: int = 2) -> Tuple[float, bool, bool]:
+  """(mean gain of a over b, holds, enough seeds): the one rule for "a beats b".
+
+  Holds = both cells have >= min_seeds values, and the gain is >= min_gain and larger than
+  both cells' standard deviations. Issue 21's rule for a distillation term is min_gain=0.3,
+  min_seeds=3 (docs/METHOD.md, "Distillation forms").
+  """
+  (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+  gain = ma - mb
+  enough = min(len(a), len(b)) >= min_seeds
+  return gain, enough and gain >= min_gain and gain > max(sa, sb), enough
+
+
 def summarize_claims(results: Sequence[dict], fp_results: Sequence[dict],
                      claims: Sequence[Sequence[str]], fp_gap_method: str = "",
-                     fp_gap_label: str = "") -> str:
+                     fp_gap_label: str = "", min_gain: float = 0.0) -> str:
   """Markdown: each claim's mean gain (points) per bit-width and whether it holds.
 
   Args:
     claims: (label, method a, method b) triples: "a beats b" (the config's `claims`).
     fp_gap_method: a method whose gap to FP gets a last row ('' for none), labelled
       fp_gap_label (default '<method> minus FP').
-  "holds" = the gain exceeds the larger of the two cells' standard deviations (the issue's
-  "more than one standard deviation"); "gain < 1 std" = positive but within noise; "no" =
-  not positive. Cells with < 2 seeds say so.
+  "holds" = `claim_holds` with min_gain (the gain exceeds both cells' standard deviations,
+  and min_gain); "gain < 1 std" (or "< min_gain") = positive but not enough; "no" = not
+  positive. Cells with < 2 seeds say so.
   """
   cells = top1_cells(results)
   bits = sorted({b for _, b in cells}, reverse=True)
@@ -106,14 +120,13 @@ def summarize_claims(results: Sequence[dict], fp_results: Sequence[dict],
            "|---|" + "---|" * len(bits)]
 
   def verdict(a: List[float], b: List[float]) -> str:
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    gain, noise = ma - mb, max(sa, sb)
-    if min(len(a), len(b)) < 2:
+    gain, holds, enough = claim_holds(a, b, min_gain)
+    if not enough:
       word = "n < 2"
-    elif gain > noise:
+    elif holds:
       word = "holds"
     elif gain > 0:
-      word = "gain < 1 std"
+      word = f"gain < {min_gain:g} pt or < 1 std" if min_gain > 0 else "gain < 1 std"
     else:
       word = "no"
     return f"{gain:+.2f} ({word})"
@@ -193,7 +206,7 @@ def write_main_report(out: str, cfg, main_results: Sequence[Optional[dict]],
   if done:
     table += ("\n\nGain in test top-1 points, mean over seeds:\n\n"
               + summarize_claims(done, fp_done, cfg.claims, cfg.get("fp_gap_method", ""),
-                                 cfg.get("fp_gap_label", "")))
+                                 cfg.get("fp_gap_label", ""), cfg.get("claim_min_gain", 0.0)))
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(table + "\n")
   if done:

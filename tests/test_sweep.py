@@ -254,3 +254,18 @@ def test_fixed_settings_apply_per_method_and_override_winners():
   assert runs["minmax_w2a2_s0"]["w_symmetric"] == "True"  # a grid field reaches min-max
   with pytest.raises(ValueError, match="field:method:value"):
     sweep_plan.parse_fixed("lam:pq")
+
+
+def test_claim_holds_is_one_rule_for_claims_and_regimes():
+  """gain >= min_gain and > both stds, with enough seeds; the regime study uses min_gain 0.3."""
+  a, b = [87.6, 87.4, 87.9], [87.2, 87.3, 87.1]
+  gain, holds, enough = sweep_report.claim_holds(a, b, min_gain=0.3, min_seeds=3)
+  assert enough and holds and gain == pytest.approx(0.433, abs=1e-3)
+  assert not sweep_report.claim_holds(a, b, min_gain=0.5)[1]          # gain under min_gain
+  assert not sweep_report.claim_holds(a[:2], b[:2], min_seeds=3)[1]  # too few seeds
+  assert not sweep_report.claim_holds([88.5, 86.5, 87.3], b)[1]       # inside a's std
+  md = sweep_report.summarize_claims(
+      [_res("pq", 2, s, t / 100) for s, t in enumerate(a)]
+      + [_res("minmax", 2, s, t / 100) for s, t in enumerate(b)], [],
+      [("pq beats minmax", "pq", "minmax")], min_gain=0.5)
+  assert "+0.43 (gain < 0.5 pt or < 1 std)" in md

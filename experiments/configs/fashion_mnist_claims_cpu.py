@@ -37,5 +37,8 @@ def get_config():
   ])
   c.claims = c.claims + (("(5) PQ beats N2UQ", "pq", "n2uq"),
                          ("(4'') PQ+AQD+SQD beats N2UQ", "pq+aqd+sqd", "n2uq"))
+  # One rule with the regime study (issue 21): a gain "holds" when >= 0.3 pt and larger
+  # than both cells' std (sweep_report.claim_holds).
+  c.claim_min_gain = 0.3
   c.plot_title = "Fashion-MNIST, vig_tiny_28, QAT from one FP checkpoint (CPU)"
   return c
