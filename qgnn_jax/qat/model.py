@@ -94,8 +94,13 @@ class OpLayout(NamedTuple):
   out_free_axes: Tuple[int, ...]
 
 
-class _Provider(qwix.QuantizationProvider):
-  """Intercepts the linear ops of a linen model and quantizes them by rules."""
+class SiteProvider(qwix.QuantizationProvider):
+  """Intercepts the linear ops of a linen model and quantizes them by rules.
+
+  The public base of every provider that runs a site its own way: a subclass overrides
+  `run_site` (e.g. `qgnn_jax.integer_inference.IntegerProvider`: the op on integer codes),
+  and names a site with `context.next_site_index` / `sites.site_name`.
+  """
 
   def __init__(self, rules: Sequence[QuantRule]):
     # qwix's own rules (QuantizationRule) have no fields for our quantizers: it is given
@@ -131,6 +136,12 @@ class _Provider(qwix.QuantizationProvider):
       return None, module  # fp: no quantizer op traced, no state touched
     return rule, module
 
+  def run_site(self, module: nn.Module, rule: QuantRule, op_name: str, op, x, x_axes, w,
+               w_axes, layout: "OpLayout"):
+    """The hook: what one intercepted op at a site computes (the signature of `_site`,
+    below, which it calls; override either)."""
+    return self._site(module, rule, op_name, op, x, x_axes, w, w_axes, layout)
+
   def _site(self, module: nn.Module, rule: QuantRule, op_name: str, op, x, x_axes, w, w_axes,
             layout: "OpLayout"):
     """One intercepted op at a site: op(x_hat, w_hat) with both operands fake-quantized.
@@ -139,7 +150,7 @@ class _Provider(qwix.QuantizationProvider):
     e.g. preferred_element_type). x_axes / w_axes: the activation's input-channel axes and
     the weight's output-channel axes (`site.quantize_operands`); layout: where the op puts
     them in its output (subclasses computing the op another way, e.g. on integer codes in
-    `qgnn_jax.export`, use it).
+    `qgnn_jax.integer_inference`, use it).
     """
     del op_name, layout
     x_hat, w_hat = site_lib.quantize_operands(module, _next_site_index(module), rule,
@@ -183,7 +194,7 @@ class _Provider(qwix.QuantizationProvider):
                       x_free_axes=tuple(xfree),
                       out_free_axes=tuple(xfree_at + j for j in range(len(xfree))))
     call = op if w_is_rhs else (lambda a, b, **kw: op(b, a, **kw))
-    return self._site(module, rule, "dot_general", call, x, xc, w, w_out, layout)
+    return self.run_site(module, rule, "dot_general", call, x, xc, w, w_out, layout)
 
   def _qgnn_conv_general_dilated(self, *args, **kwargs):
     return self._conv_general_dilated(*args, conv_op=qgnn_conv.conv_general_dilated, **kwargs)
@@ -207,8 +218,8 @@ class _Provider(qwix.QuantizationProvider):
     # output channel belongs to one group); the activation's is its feature axis.
     layout = OpLayout(w_out_axes=(dn.out_spec[1],), x_free_axes=(dn.lhs_spec[0],),
                       out_free_axes=(dn.out_spec[0],))
-    return self._site(module, rule, "conv_general_dilated", op, lhs, (dn.lhs_spec[1],), rhs,
-                      (dn.rhs_spec[0],), layout)
+    return self.run_site(module, rule, "conv_general_dilated", op, lhs, (dn.lhs_spec[1],),
+                         rhs, (dn.rhs_spec[0],), layout)
 
   def _einsum(self, subscripts, *operands, **kwargs):
     rule, module = self._rule("einsum")
@@ -249,7 +260,11 @@ class _Provider(qwix.QuantizationProvider):
       ops = [None, None]
       ops[wi], ops[xi] = w_op, x_op
       return jnp.einsum(subscripts, *ops, **{**kwargs, **kw})
-    return self._site(module, rule, "einsum", call, operands[xi], xc, operands[wi], wc, layout)
+    return self.run_site(module, rule, "einsum", call, operands[xi], xc, operands[wi], wc, layout)
+
+
+# The old private name (qat/sites.py and qat/ptq.py subclass it under it).
+_Provider = SiteProvider
 
 
 def _letters(spec: str, ndim: int) -> str:
@@ -297,7 +312,7 @@ class QuantizedModel:
     self.linen = nnx_bridge.as_linen(model) if isinstance(model, nnx.Module) else model
     self.takes_train = isinstance(model, nnx.Module) or "train" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    self.provider = _Provider(rules) if rules else None
+    self.provider = SiteProvider(rules) if rules else None
     self.module = intercepted(self.linen, self.provider) if rules else self.linen
 
   @property
@@ -383,7 +398,7 @@ def check_rules_used(rules: Sequence[QuantRule],
   full-precision exception before a catch-all).
 
   seen: (module path, op name) -> index of the rule it took (None: no rule), as a
-  `_Provider` records them while a model is traced.
+  `SiteProvider` records them while a model is traced.
   """
   unused = [(i, r) for i, r in enumerate(rules)
             if not any(r.matches(p, op) for p, op in seen)]
