@@ -1,4 +1,4 @@
-"""Throughput benchmark of the real train / eval steps (SPEC §6, issue 6).
+"""Throughput benchmark of the real train / eval steps (docs/METHOD.md, "Results"; issue 6).
 
     python -m experiments.bench --model vig_ti_32 --batch 128 --methods fp,pq,pq+aqd+sqd
     python -m experiments.bench --model vig_ti_224 --batch 32 --methods fp --json ours.json
@@ -151,11 +151,11 @@ def build_models(model_name: str, method: str, num_classes: int, dtype: str = "f
   """(model with BN's pmap axis for the steps, the same without it for init / calibrate):
   the registered variant (model_kwargs override its fields) quantized by the recipe's rules."""
   import jax.numpy as jnp
-  from qgnn_jax import qat, recipe
+  from qgnn_jax import qat, recipe, run_config
   from qgnn_jax import train as train_lib
   from qgnn_jax.models import create_model
   rules = recipe.quant_rules(bench_config(method, model_name, dtype))
-  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  jdtype = run_config.compute_dtype(dtype)
   make = lambda **kw: qat.quantize_model(
       create_model(model_name, num_classes, dtype=jdtype, **model_kwargs, **kw), rules)
   return make(axis_name=train_lib.AXIS), make()
@@ -214,7 +214,7 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   import jax.numpy as jnp
   import numpy as np
   from tqdm.auto import tqdm
-  from qgnn_jax import recipe
+  from qgnn_jax import recipe, run_config
   from qgnn_jax import train as train_lib
   from qgnn_jax.models import count_params, create_model, forward_flops, input_shape
 
@@ -225,7 +225,7 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
   parsed = {m: recipe.parse_method(m) for m in methods}  # raises on a bad one, naming it
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} (>= 1), warmup={warmup} (>= 0)")
-  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  jdtype = run_config.compute_dtype(dtype)
   n_dev = jax.local_device_count()
   if batch % n_dev:
     raise ValueError(f"batch={batch} is not divisible by the {n_dev} local devices")
@@ -272,13 +272,12 @@ def run_bench(model_name: str, batch: int, methods: Sequence[str], steps: int = 
     for _ in range(warmup):
       rstate, _ = train_step(rstate, data)
     jax.block_until_ready(rstate)
-    eval_mode = "quant" if parsed[method].quantized else "fp"
-    eval_step = train_lib.make_eval_step(model, eval_mode)
+    eval_step = train_lib.make_eval_step(model, parsed[method].mode)
     _, eval_compile_s = _timed(lambda: eval_step(rstate, data))
     fixed_step = None
     if measure_graph_share:
       with fixed_neighbours():
-        fixed_step = train_lib.make_eval_step(model, eval_mode)
+        fixed_step = train_lib.make_eval_step(model, parsed[method].mode)
         _timed(lambda: fixed_step(rstate, data))  # traces under the replacement
     for _ in range(warmup):
       jax.block_until_ready(eval_step(rstate, data))
@@ -379,13 +378,14 @@ def run_inference_bench(workdir: str, batch: int, steps: int = 10, warmup: int =
   """
   import jax
   from qgnn_jax import export, models
+  from qgnn_jax import workdir as workdir_lib
   path = os.path.join(workdir, "bench_export.qgx.tmp")
-  export.save(path, export.from_workdir(workdir))
+  export.save(path, workdir_lib.from_workdir(workdir))
   try:
     e = export.load(path)
   finally:
     os.remove(path)
-  fq_fn, fq_vars = export.checkpoint_fn(workdir, exported=e)
+  fq_fn, fq_vars = workdir_lib.checkpoint_fn(workdir, exported=e)
   shape = models.input_shape(e.meta["model"])
   x = jax.random.normal(jax.random.PRNGKey(0), (batch,) + tuple(shape))
   plain = jax.jit(lambda v, x: e.model.apply(v, x, train=False))

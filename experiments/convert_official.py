@@ -43,12 +43,12 @@ def main(argv):
   fl = flags.FLAGS
   set_console(fl.verbose)
   from experiments.configs.common import base_config  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import official, run_config  # pylint: disable=g-import-not-at-top
+  from qgnn_jax import official, run_config, workdir  # pylint: disable=g-import-not-at-top
   config = base_config()
   config.dataset, config.data_dir = fl.dataset, fl.data_dir
   config.batch_size, config.eval_batch_size = fl.batch_size, fl.eval_batch_size
   out = call_or_fail(
-      lambda: official.convert_checkpoint(fl.checkpoint, fl.model, fl.workdir, config,
+      lambda: workdir.convert_checkpoint(fl.checkpoint, fl.model, fl.workdir, config,
                                           fold_normalization=fl.fold_normalization),
       (FileNotFoundError, official.ConversionError, ValueError), fl.verbose,
       run_config.ConfigError)

@@ -55,10 +55,10 @@ def main_export(fl):
   if (why := export_path_error(fl.export)) is not None:
     fail(why, EXIT_CONFIG)
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import experiment, export  # pylint: disable=g-import-not-at-top
+  from qgnn_jax import experiment, export, workdir  # pylint: disable=g-import-not-at-top
   from qgnn_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   out = call_or_fail(
-      lambda: export.evaluate_export(fl.export, fl.dataset, fl.data_dir, fl.compare, fl.limit),
+      lambda: workdir.evaluate_export(fl.export, fl.dataset, fl.data_dir, fl.compare, fl.limit),
       (OSError, export.ExportError, ckpt.CheckpointError, DatasetNotFoundError,
        experiment.DataError), fl.verbose)
   print(f"{fl.export} ({out['bytes']:,} bytes, {out['integer_sites']}/{out['sites']} sites "
@@ -86,8 +86,8 @@ def main(argv):
   if fl.export:
     return main_export(fl)
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import experiment, run_config  # pylint: disable=g-import-not-at-top
-  out = call_or_fail(lambda: experiment.evaluate_checkpoint(fl.workdir, fl.step, fl.split),
+  from qgnn_jax import experiment, run_config, workdir  # pylint: disable=g-import-not-at-top
+  out = call_or_fail(lambda: workdir.evaluate_checkpoint(fl.workdir, fl.step, fl.split),
                      (OSError, ckpt.CheckpointError, experiment.DataError),
                      fl.verbose, run_config.ConfigError)
   print(f"{fl.workdir} step {out['step']}: {out['split']} top-1 {100 * out['top1']:.2f}% "

@@ -4,7 +4,7 @@
 
 The file holds every quantized kernel as packed integer codes with its scales and zero
 points, the activation quantizers' parameters, the full-precision parameters and BN
-statistics, and the model name and rules (format: `qgnn_jax/export.py`). It is written
+statistics, and the model name and rules (format: `qgnn_jax/export/`, docs/METHOD.md "The export file"). It is written
 atomically. Read it back with `qgnn_jax.export.load(FILE)`; evaluate it with
 `python -m experiments.evaluate --export FILE`. A missing workdir or checkpoint and a
 failed write (a read-only or full file system: one line naming the path) exit with status
@@ -27,8 +27,8 @@ def main(argv):
   set_console(fl.verbose)
   setup_compilation_cache()
   from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import export, run_config  # pylint: disable=g-import-not-at-top
-  out = call_or_fail(lambda: export.export_workdir(fl.workdir, fl.out, fl.step),
+  from qgnn_jax import export, run_config, workdir  # pylint: disable=g-import-not-at-top
+  out = call_or_fail(lambda: workdir.export_workdir(fl.workdir, fl.out, fl.step),
                      (OSError, ckpt.CheckpointError, export.ExportError), fl.verbose,
                      run_config.ConfigError)
   print(f"{fl.out}: {out['bytes']:,} bytes ({out['sites']} quantized sites, step "

@@ -1,4 +1,4 @@
-"""Quantization error of Pauta quantization (PQ) vs min-max (SPEC §1, issue 2).
+"""Quantization error of Pauta quantization (PQ) vs min-max (docs/METHOD.md, "Definitions"; issue 2).
 
 Mean-squared error of per-tensor asymmetric fake quantization at 2, 3, 4 and
 8 bits on three synthetic distributions (fixed seed, 1e6 samples each):
@@ -181,7 +181,7 @@ def markdown(rows, n, seed, seconds):
       "themselves) dominates and min-max has the lower total MSE. In the outlier case "
       "PQ with λ ≥ 2.5 still has the lower error on the 99.9% bulk at every bit width "
       "(last table).",
-      "- The asymmetric grid is anchored at lo (SPEC §1), so 0 is not a grid point in "
+      "- The asymmetric grid is anchored at lo (docs/METHOD.md), so 0 is not a grid point in "
       "general. When a few extreme values set the min-max range (Student-t), whether a "
       "level lands near the bulk around 0 depends on the bit width, which is why the "
       "min-max MSE is not monotonic in bits there.",

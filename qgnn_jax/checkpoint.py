@@ -1,4 +1,5 @@
-"""Checkpoints with orbax-checkpoint (SPEC §4): periodic, atomic, keep the last N.
+"""Checkpoints with orbax-checkpoint (docs/METHOD.md, "Training infrastructure"): periodic,
+atomic, keep the last N.
 
 A checkpoint directory holds one sub-folder per step (``<dir>/<step>/state``), each
 written atomically by orbax (a temporary folder renamed on commit), so a run

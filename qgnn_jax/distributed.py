@@ -1,4 +1,5 @@
-"""Multi-process runs on JAX's distributed runtime (SPEC §4): start-up, topology, failure.
+"""Multi-process runs on JAX's distributed runtime (docs/METHOD.md, "Training
+infrastructure"): start-up, topology, failure.
 
 A multi-host job (a TPU pod slice, a multi-node GPU job, or several processes on one
 machine) is one process per host under JAX's multi-controller runtime. Each process

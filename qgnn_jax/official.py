@@ -30,20 +30,16 @@ Entry points: :func:`read_state_dict` (`.pth` / `.pt` through PyTorch when insta
 :func:`convert` (state dict -> variables, every name and shape checked, refusing with the
 missing / unexpected / mismatched names listed), :func:`fold_input_normalization` (the
 official inputs are normalised with mean = std = 0.5, this project's ImageNet pipeline with
-ImageNet's statistics) and :func:`convert_checkpoint` (a workdir that `experiments.evaluate`,
-`experiments.export` and `--config.init_from` take). :func:`neighbors_variables` turns
-official k-NN indices into the `models.blocks.NEIGHBORS` collection, to compare logits with
-the official code's graphs.
+ImageNet's statistics); `qgnn_jax.workdir.convert_checkpoint` makes a workdir of them that
+`experiments.evaluate`, `experiments.export` and `--config.init_from` take. The files are
+read by `qgnn_jax.official_files`. :func:`neighbors_variables` turns official k-NN indices
+into the `models.blocks.NEIGHBORS` collection, to compare logits with the official code's
+graphs.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import re
-import struct
-import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -51,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qgnn_jax import models as models_lib
+from qgnn_jax.official_files import (SUFFIXES, ConversionError, file_sha256,  # noqa: F401
+                                     read_safetensors, read_state_dict, write_safetensors)
 from qgnn_jax.models.blocks import NEIGHBORS
 from qgnn_jax.models.pvig import PyramidViG, relative_pos_bias
 from qgnn_jax.models.vig import ViG
@@ -68,165 +66,13 @@ OFFICIAL_STD = (0.5, 0.5, 0.5)
 # A file's relative_pos table against ours (values in [-1, 0.3]): PyTorch's float32 bicubic
 # against ours in float64 differ by up to ~2e-6 (tests/test_models.py).
 RELATIVE_POS_ATOL = 1e-4
-SUFFIXES = (".pth", ".pt", ".bin", ".npz", ".safetensors")
 _IGNORED = re.compile(r".*\.num_batches_tracked$")
 _RELATIVE_POS = re.compile(r"backbone\.\d+\.0\.relative_pos$")
-_WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
 _LISTED = 6  # names quoted in an error message
 
 
-class ConversionError(ValueError):
-  """A file that is not an official ViG state dict of the model asked for; one line."""
-
-
 # ----------------------------------------------------------------------------- reading
-
-
-def file_sha256(path: str) -> str:
-  """SHA-256 (hex) of a file's bytes, read in 16 MiB chunks."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _safetensors_dtype(name: str):
-  if name == "BF16":
-    import ml_dtypes  # pylint: disable=g-import-not-at-top  (a jax dependency)
-    return ml_dtypes.bfloat16
-  if name not in _SAFETENSORS_DTYPES:
-    raise ConversionError(f"unsupported safetensors dtype {name!r}; valid: "
-                          f"{', '.join(sorted(_SAFETENSORS_DTYPES))}, BF16")
-  return _SAFETENSORS_DTYPES[name]
-
-
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """A .safetensors file (8-byte little-endian header length, JSON header, raw data) as
-  {name: array}, with numpy alone. Raises ConversionError on a truncated or malformed file."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise ConversionError(f"{path}: {size} bytes, not a safetensors file (truncated?)")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-      raise ConversionError(f"{path}: header of {n} bytes past the end of the {size}-byte "
-                            f"file (truncated)")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
-    data = f.read()
-  out = {}
-  for name, spec in header.items():
-    if name == "__metadata__":
-      continue
-    begin, end = spec["data_offsets"]
-    if end > len(data):
-      raise ConversionError(f"{path}: tensor {name} ends at byte {8 + n + end} of a "
-                            f"{size}-byte file (truncated)")
-    dtype = np.dtype(_safetensors_dtype(spec["dtype"]))
-    out[name] = np.frombuffer(data[begin:end], dtype).reshape(spec["shape"])
-  return out
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  """{name: array} as a .safetensors file (float64/32/16, bfloat16, ints, bool)."""
-  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, offset, blobs = {}, 0, []
-  for name, a in tensors.items():
-    a = np.asarray(a, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
-    code = "BF16" if a.dtype.name == "bfloat16" else names.get(a.dtype)
-    if code is None:
-      raise ValueError(f"{name}: dtype {a.dtype} has no safetensors code")
-    blobs.append(a.tobytes())
-    header[name] = {"dtype": code, "shape": list(a.shape),
-                    "data_offsets": [offset, offset + len(blobs[-1])]}
-    offset += len(blobs[-1])
-  text = json.dumps(header).encode()
-  text += b" " * (-len(text) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(text)) + text)
-    for b in blobs:
-      f.write(b)
-
-
-def _read_torch(path: str) -> Dict[str, Any]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ConversionError(
-        f"{path}: reading a PyTorch file needs torch (pip install -e \".[torch]\"), or "
-        f"save it as .npz / .safetensors where torch is installed") from None
-  try:
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (truncated zip, bad pickle, ...)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
-                          f"corrupt?): {type(e).__name__}: {first}") from None
-
-  def to_numpy(v):
-    if isinstance(v, torch.Tensor):
-      v = v.detach().cpu()
-      return (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-    if isinstance(v, Mapping):
-      return {k: to_numpy(x) for k, x in v.items()}
-    return v
-  return to_numpy(raw)
-
-
-def _flat_tensors(raw: Any, path: str) -> Dict[str, np.ndarray]:
-  """Unwraps {'state_dict': ...}-style containers and DataParallel's 'module.' prefix."""
-  while isinstance(raw, Mapping):
-    arrays = {k: v for k, v in raw.items() if isinstance(v, np.ndarray)}
-    if arrays:
-      break
-    inner = next((raw[k] for k in _WRAPPERS if isinstance(raw.get(k), Mapping)), None)
-    if inner is None:
-      break
-    raw = inner
-  if not isinstance(raw, Mapping) or not any(isinstance(v, np.ndarray) for v in raw.values()):
-    raise ConversionError(f"{path}: holds no tensors (expected a state dict, or one under "
-                          f"one of the keys {', '.join(_WRAPPERS)})")
-  out = {}
-  for k, v in raw.items():
-    if isinstance(v, np.ndarray):
-      out[k[len("module."):] if k.startswith("module.") else k] = v
-  return out
-
-
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """An official state dict from `path` as {name: numpy array} (the file's dtypes).
-
-  `.pth` / `.pt` / `.bin`: torch.load(weights_only=True) (needs torch: the `torch` extra);
-  `.npz`: numpy; `.safetensors`: :func:`read_safetensors`. A state dict nested under
-  'state_dict' / 'model' / 'state_dict_ema' is unwrapped, a 'module.' prefix dropped.
-  Raises FileNotFoundError, or ConversionError (one line) for another suffix, a truncated
-  or corrupt file or one without tensors.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix not in SUFFIXES:
-    raise ConversionError(f"{path}: unknown suffix {suffix!r}; valid: {', '.join(SUFFIXES)}")
-  if suffix == ".safetensors":
-    raw = read_safetensors(path)
-  elif suffix == ".npz":
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        raw = {k: z[k] for k in z.files}
-    except Exception as e:  # pylint: disable=broad-except  (BadZipFile, EOFError, ValueError)
-      raise ConversionError(f"{path}: not a readable .npz (truncated or corrupt?): "
-                            f"{type(e).__name__}: {str(e)[:200]}") from None
-  else:
-    raw = _read_torch(path)
-  return _flat_tensors(raw, path)
+# (qgnn_jax/official_files.py: the tensor files; their names are handed on from here.)
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -570,95 +416,3 @@ def fold_input_normalization(variables: Dict[str, Any], mean: Sequence[float],
   out["params"]["stem"]["conv0"] = {"kernel": kernel.astype(np.float32),
                                     "bias": bias.astype(np.float32)}
   return out
-
-
-# ----------------------------------------------------------------------------- workdir
-
-
-def convert_checkpoint(checkpoint: str, model_name: str, workdir: str, config,
-                       fold_normalization: bool = True) -> Dict[str, Any]:
-  """Converts an official checkpoint file into a workdir of an FP run of `model_name`.
-
-  The workdir holds config.json (`config` with `model` = model_name, `method` = 'fp' and
-  `source` = 'official <file name> sha256:<hex> ...') and checkpoints/0/, a TrainState
-  (params, BN statistics, a fresh optimiser state for the config) that
-  `experiments.evaluate --workdir`, `experiments.export --workdir` and
-  `--config.init_from=WORKDIR` read. The classes come from the file's head and must equal
-  those of `config.dataset`.
-
-  Args:
-    checkpoint: .pth / .pt / .bin (needs torch), .npz or .safetensors.
-    model_name: a registered ViG / PyramidViG (the official ones: OFFICIAL_NAMES).
-    workdir: must not hold a checkpoint yet.
-    config: a run config (`experiments/configs/common.py`'s fields) giving the dataset,
-      data_dir, batch sizes and optimiser of the runs that use the workdir.
-    fold_normalization: fold the official input normalisation (mean = std = 0.5) into the
-      first conv for the dataset's statistics (`fold_input_normalization`).
-  Returns:
-    {'workdir', 'model', 'num_classes', 'sha256', 'tensors', 'params', 'seconds'}.
-  Raises:
-    FileNotFoundError; ConversionError (bad file, wrong model, class count, a workdir that
-    holds checkpoints); ValueError (unknown model or dataset); run_config.ConfigError.
-  """
-  from qgnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import recipe, run_config  # pylint: disable=g-import-not-at-top
-  from qgnn_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  if model_name not in models_lib.MODELS:
-    raise ValueError(f"unknown model {model_name!r}; valid (official): "
-                     f"{', '.join(OFFICIAL_NAMES)}")
-  dataset = config.dataset
-  info = data_lib.get_info(dataset)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ConversionError(f"{workdir} already holds checkpoints; use a new --workdir")
-  state_dict = read_state_dict(checkpoint)
-  num_classes = num_classes_of(state_dict, checkpoint)
-  if num_classes != info.num_classes:
-    raise ConversionError(f"{checkpoint}: its head has {num_classes} classes, dataset "
-                          f"{dataset!r} has {info.num_classes}; pick a dataset with "
-                          f"{num_classes} classes")
-  image_shape = models_lib.input_shape(model_name)
-  model = models_lib.create_model(model_name, num_classes)
-  variables = convert(state_dict, model, model_name, image_shape, checkpoint)
-  tensors = len(state_dict)
-  del state_dict  # the file's arrays (peak memory: ViG-B's 348 MB more)
-  if fold_normalization:
-    variables = fold_input_normalization(variables, info.mean, info.std)
-  sha = file_sha256(checkpoint)
-
-  config = config.copy_and_resolve_references()
-  config.model, config.method, config.init_from = model_name, "fp", ""
-  config.source = f"official {os.path.basename(checkpoint)} sha256:{sha}" + (
-      f" input-normalisation folded to {dataset}'s" if fold_normalization else "")
-  run_config.validate(config, check_init_from=False)
-  # The state `experiment.setup` builds for this config (same optimiser tree), holding the
-  # converted variables; the optimiser's moments are fresh (zero).
-  tx = train_lib.make_optimizer(
-      config.optimizer, config.lr, 1, 0, config.weight_decay,
-      quant_lr=(config.quant_lr if config.quant_lr > 0 else None),
-      grad_clip=(config.grad_clip or None))
-  qmodel = recipe.build_model(config, num_classes)
-  shapes = jax.eval_shape(lambda: train_lib.create_state(
-      qmodel, tx, jnp.zeros((1,) + tuple(image_shape), jnp.float32), jax.random.key(0)))
-  num_params = models_lib.count_params(variables["params"])
-  params = jax.tree.map(jnp.asarray, variables.pop("params"))
-  state = train_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=jax.tree.map(jnp.asarray, variables.pop("batch_stats")), quant_stats={},
-      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed)))
-  ckpt.check_compatible(ckpt.flatten_with_paths(shapes), state, "the converted state")
-  os.makedirs(workdir, exist_ok=True)
-  manager = ckpt.make_manager(ckpt_dir, max_to_keep=1)
-  try:
-    ckpt.save(manager, 0, state, force=True,  # orbax reads the arrays where they are
-              meta={"step": 0, "train_seconds": 0.0, "fp_top1": None,
-                    "started_at": None, "source": config.source})
-  finally:
-    manager.close()
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
-  return {"workdir": workdir, "model": model_name, "num_classes": num_classes, "sha256": sha,
-          "tensors": tensors, "params": num_params,
-          "seconds": time.perf_counter() - t0}

@@ -3,7 +3,7 @@ quantizes a trained full-precision model without training (docs/METHOD.md,
 "Post-training quantization").
 
 `experiment.restore_or_init` copies init_from's params and BN statistics into the
-quantized model (fresh site state); `quantize(run)` then calibrates on
+quantized model (fresh site state); `quantize(run, start)` then calibrates on
 `config.ptq_batches` training batches and searches each site's activation range
 (`qgnn_jax.qat.ptq`, `config.ptq_search`), writes the result as the checkpoint of step 0
 and `ptq.json` (the choice of every site), and leaves the run with no training steps, so
@@ -13,9 +13,8 @@ and `ptq.json` (the choice of every site), and leaves the run with no training s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import jax
 import numpy as np
@@ -41,8 +40,10 @@ def calibration_batches(run, n: int) -> List[np.ndarray]:
   return out
 
 
-def quantize(run) -> Dict[str, Any]:
-  """Post-training quantization of `run` (module docstring); returns ptq.json's dict."""
+def quantize(run, start) -> Tuple[Any, Any]:
+  """Post-training quantization of a run (module docstring): `experiment.RunSetup` and
+  `experiment.Start` -> the same with no training steps and the quantized state; writes
+  ptq.json (its dict: which choice each site took) and the checkpoint of step 0."""
   config = run.config
   if not run.method.quantized:
     raise ValueError(f"config.ptq=true needs a quantized method; config.method="
@@ -50,22 +51,19 @@ def quantize(run) -> Dict[str, Any]:
   if not config.init_from:
     raise ValueError("config.ptq=true quantizes a trained model: set config.init_from to "
                      "its workdir (or checkpoint directory)")
-  run.total_steps = 0
-  path = os.path.join(run.workdir, PTQ_FILE)
+  run = dataclasses.replace(run, total_steps=0)
   if run.manager.latest_step() is not None:  # done before (resumed): the checkpoint holds it
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return run, start
   batches = calibration_batches(run, int(config.ptq_batches))
-  variables, choices = ptq_lib.quantize(run.init_model, run.state.variables(), batches,
-                                   search=config.ptq_search != "none")
-  run.state = run.state.replace(params=variables["params"],
-                                quant_stats=variables["quant_stats"])
+  variables, choices = ptq_lib.quantize(run.model, start.state.variables(), batches,
+                                        search=config.ptq_search != "none")
+  state = start.state.replace(params=variables["params"], quant_stats=variables["quant_stats"])
   report = {"search": config.ptq_search, "batches": len(batches),
             "images": int(sum(len(b) for b in batches)), "summary": ptq_lib.summary(choices),
             "sites": [dataclasses.asdict(c) for c in choices]}
   if run.main:
-    results_lib.write_json_atomic(path, report)
-  meta = dataclasses.replace(run.progress, step=0, train_seconds=0.0).meta()
-  ckpt.save(run.manager, 0, jax.device_get(run.state), force=True, meta=meta)
+    results_lib.write_json_atomic(os.path.join(run.workdir, PTQ_FILE), report)
+  meta = dataclasses.replace(start.progress, step=0, train_seconds=0.0).meta()
+  ckpt.save(run.manager, 0, jax.device_get(state), force=True, meta=meta)
   ckpt.wait(run.manager)
-  return report
+  return run, dataclasses.replace(start, state=state)

@@ -1,57 +1,30 @@
-"""From a run's config to what it trains: the model, its quantization and its loss.
+"""From a run's config to what it trains: its data, the model, its quantization, its loss
+and its optimiser, and the sizes of what it exports.
 
-The one place where an ml_collections run config (experiments/configs) is turned into
-library objects; `experiment.py` (the run) and `experiments/bench.py` call it.
+The one place where an ml_collections run config (`run_config.defaults`) is turned into
+library objects; `experiment.py` (the run), `official.py`, `workdir.py` and
+`experiments/bench.py` call it. Each function takes the run's parsed method
+(`method.parse_method`, parsed once by the run); left out, it is parsed from
+`config.method`.
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 
-from qgnn_jax import qat, quant
+from qgnn_jax import data as data_lib
+from qgnn_jax import export, qat, run_config
+from qgnn_jax import method as method_lib
 from qgnn_jax import train as train_lib
 from qgnn_jax.models import FEATURE_TAPS, LAYER_GROUPS, create_model
 
 
-# ----------------------------------------------------------------------------- config helpers
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A parsed method string: 'fp', '<quantizer>' or '<quantizer>+aqd+sqd' (any order of
-  the distillation terms aqd, sqd and kd). quantizer: a registry name
-  (`qgnn_jax.quant.QUANTIZERS`), or None for full precision. kd: classic knowledge
-  distillation from the frozen FP model QAT starts from (config.init_from)."""
-  quantizer: Optional[str]
-  aqd: bool = False
-  sqd: bool = False
-  kd: bool = False
-
-  @property
-  def quantized(self) -> bool:
-    return self.quantizer is not None
-
-  def __str__(self) -> str:
-    parts = [self.quantizer or "fp"] + ["aqd"] * self.aqd + ["sqd"] * self.sqd + \
-        ["kd"] * self.kd
-    return "+".join(parts)
-
-
-def parse_method(method: str) -> Method:
-  """'pq+aqd+sqd' -> Method('pq', aqd=True, sqd=True). Validates every part."""
-  parts = str(method).split("+")
-  base, extras = parts[0], parts[1:]
-  valid = ("fp",) + quant.QUANTIZERS.names()
-  if base not in valid or not set(extras) <= {"aqd", "sqd", "kd"} \
-      or len(set(extras)) != len(extras) or (base == "fp" and extras):
-    raise ValueError(f"method={method!r}; valid: one of {valid}, then optionally +aqd, +sqd "
-                     f"and/or +kd after a quantizer (e.g. pq+aqd+sqd)")
-  return Method(None if base == "fp" else base, "aqd" in extras, "sqd" in extras,
-                "kd" in extras)
+# The method's grammar lives in qgnn_jax.method (parsed once per run); here for old callers.
+Method, parse_method = method_lib.Method, method_lib.parse_method
 
 
 # The ops of each LAYER_GROUPS group whose input comes straight out of a GELU (bounded
@@ -66,17 +39,23 @@ GELU_INPUTS: Dict[str, str] = {
 }
 
 
-def quant_rules(config) -> Tuple[qat.QuantRule, ...]:
+def _method(config, method: Optional[Method]) -> Method:
+  return parse_method(config.method) if method is None else method
+
+
+def quant_rules(config, method: Optional[Method] = None
+                ) -> Tuple[qat.QuantRule, ...]:
   """The model's quantization rules for a run config (none for 'fp').
 
-  SPEC §2: the body (every Dense / 1x1 conv of Grapher, graph conv and FFN, the pyramid's
-  Downsample convs) is quantized; the stem's convs after the first follow
+  Where quantization goes (docs/METHOD.md, "Quantized layers"): the body (every Dense /
+  1x1 conv of Grapher, graph conv and FFN, the pyramid's Downsample convs) is quantized;
+  the stem's convs after the first follow
   `quantize_stem`, the head's hidden layer and classifier `quantize_head`; the first
   stem conv always stays full precision (no rule matches it). Ops whose input is a GELU
   output (`GELU_INPUTS`) get `a_grid=config.lsq_gelu_grid` (LSQ's activation grid there),
   every other op the signed grid; range quantizers ignore the grid.
   """
-  m = parse_method(config.method)
+  m = _method(config, method)
   if not m.quantized:
     return ()
   settings = dict(
@@ -95,59 +74,115 @@ def quant_rules(config) -> Tuple[qat.QuantRule, ...]:
   return tuple(rules)
 
 
-def parse_sqd_bits(text: str, a_bits: int) -> Tuple[Optional[int], ...]:
-  """speq's activation bit choices besides the student's a_bits (None = full precision).
-
-  "auto" -> {a_bits + 2 (at most 16), 8, fp} without a_bits (SPEQ's {b, b+2, 8, fp});
-  "4,8,fp" -> (4, 8, None). Ints in [2, 16].
-  """
-  text = str(text).strip()
-  if text == "auto":
-    bits = (min(a_bits + 2, 16), 8, None)
-  else:
-    bits = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-      if item == "fp":
-        bits.append(None)
-      elif item.isdigit() and 2 <= int(item) <= 16:
-        bits.append(int(item))
-      else:
-        raise ValueError(f"sqd_bits={text!r}; valid: 'auto' or a comma list of bit widths in "
-                         f"[2, 16] and 'fp' (e.g. '4,8,fp')")
-    if not bits:
-      raise ValueError(f"sqd_bits={text!r}; valid: 'auto' or a non-empty comma list")
-  return tuple(dict.fromkeys(b for b in bits if b != a_bits))
-
-
-def loss_config(config) -> train_lib.LossConfig:
-  m = parse_method(config.method)
+def loss_config(config, method: Optional[Method] = None) -> train_lib.LossConfig:
+  """The training objective of a run config: CE, plus the terms its method names."""
+  m = _method(config, method)
   return train_lib.LossConfig(
-      student_mode="quant" if m.quantized else "fp",
+      student_mode=m.mode,
       alpha=float(config.aqd_alpha) if m.aqd else 0.0, tau=float(config.aqd_tau),
       beta=float(config.sqd_beta) if m.sqd else 0.0, bypass_prob=float(config.sqd_p),
       temperature=float(config.sqd_temperature), label_smoothing=float(config.label_smoothing),
       feature_taps=FEATURE_TAPS, aqd_form=str(config.aqd_form), sqd_form=str(config.sqd_form),
-      sqd_act_bits=parse_sqd_bits(config.sqd_bits, int(config.a_bits)),
+      sqd_act_bits=run_config.parse_sqd_bits(config.sqd_bits, int(config.a_bits)),
       kd_weight=float(config.kd_weight) if m.kd else 0.0)
 
 
-def build_model(config, num_classes: int, axis_name: Optional[str] = None
-                ) -> qat.QuantizedModel:
-  """The config's model with its quantization rules. axis_name: BatchNorm's pmap axis."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-  if dtype is None:
-    raise ValueError(f"dtype={config.dtype!r}; valid: 'float32', 'bfloat16'")
-  model = create_model(config.model, num_classes, axis_name=axis_name, dtype=dtype,
+def build_model(config, num_classes: int, axis_name: Optional[str] = None,
+                method: Optional[Method] = None) -> qat.QuantizedModel:
+  """The config's model with its quantization rules. axis_name: BatchNorm's pmap axis (the
+  run gives `train.AXIS`: the same model then also initialises and calibrates outside the
+  pmap, where BatchNorm reads no axis)."""
+  model = create_model(config.model, num_classes, axis_name=axis_name,
+                       dtype=run_config.compute_dtype(config.dtype),
                        graph_impl=config.graph_impl, drop_path_rate=float(config.drop_path),
                        dropout=float(config.dropout))
-  return qat.quantize_model(model, quant_rules(config))
+  return qat.quantize_model(model, quant_rules(config, method))
+
+
+def optimizer(config, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
+  """The config's optimiser and schedule (`train.make_optimizer`) over total_steps."""
+  return train_lib.make_optimizer(
+      config.optimizer, config.lr, total_steps, warmup_steps, config.weight_decay,
+      quant_lr=(config.quant_lr if config.quant_lr > 0 else None),
+      grad_clip=(config.grad_clip or None))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def input_pipeline(config, num_devices: int) -> Dict[str, Any]:
+  """Train / eval batch iterators for the config's dataset.
+
+  Returns {"train": start_step -> iterator, "eval": () -> one-pass iterator,
+  "info", "steps_per_epoch", "eval_split", "source" (what the images are read from)}.
+  Small datasets are held in memory; `DatasetInfo.streamed` ones (imagenette,
+  imagenet2012) stream from tfds. `config.batch_size` is the global batch: each of the P
+  processes reads its B/P examples of every batch (`data_lib.shard_bounds`), split over its
+  `num_devices` devices, and gets them on its devices (prefetched).
+  """
+  info = data_lib.get_info(config.dataset)
+  shard, shards = data_lib.process_shard()
+  data_lib.check_batching(1, config.batch_size, num_devices, shards)
+  data_lib.check_batching(1, config.eval_batch_size, num_devices, shards)
+  data_dir = config.data_dir or None
+  if config.eval_on not in run_config.EVAL_ON:
+    raise ValueError(f"eval_on={config.eval_on!r}; valid: "
+                     f"{', '.join(repr(e) for e in run_config.EVAL_ON)}")
+  if info.streamed:
+    if config.val_holdout:
+      raise ValueError(f"val_holdout is not supported for streamed dataset {config.dataset!r}")
+    n = data_lib.num_examples(config.dataset, "train", data_dir)
+    return {
+        "train": lambda start: data_lib.prefetch(data_lib.stream_train_batches(
+            config.dataset, config.batch_size, config.seed, start, num_devices, data_dir,
+            shard_index=shard, shard_count=shards)),
+        "eval": lambda: data_lib.prefetch(data_lib.stream_eval_batches(
+            config.dataset, config.eval_batch_size, num_devices, data_dir,
+            shard_index=shard, shard_count=shards)),
+        "info": info, "steps_per_epoch": n // config.batch_size, "eval_split": info.eval_split,
+        "source": f"tfds in {data_lib.tfds_data_dir(data_dir)}"}
+  splits = data_lib.load_splits(config.dataset, data_dir, val_holdout=int(config.val_holdout))
+  (x_train, y_train), (x_eval, y_eval), info = splits["train"], splits["eval"], splits["info"]
+  eval_split = splits["eval_split"]
+  if config.eval_on == "test" and eval_split != "test":
+    # Train without the held-out images (as the validation runs do), report test.
+    test = data_lib.load_splits(config.dataset, data_dir, val_holdout=0)
+    (x_eval, y_eval), eval_split = test["eval"], test["eval_split"]
+  elif config.eval_on == "validation" and eval_split != "validation":
+    raise ValueError("eval_on='validation' needs val_holdout > 0")
+  if len(x_train) < config.batch_size:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training images")
+  return {
+      "train": lambda start: data_lib.train_batches(
+          x_train, y_train, info, config.batch_size, config.seed, start_step=start,
+          augment=bool(config.augment), num_devices=num_devices, shard_index=shard,
+          shard_count=shards, device_put=True),
+      "eval": lambda: data_lib.eval_batches(x_eval, y_eval, info, config.eval_batch_size,
+                                            num_devices, shard_index=shard, shard_count=shards,
+                                            device_put=True),
+      "info": info, "steps_per_epoch": len(x_train) // config.batch_size,
+      "eval_split": eval_split, "source": data_lib.data_source(config.dataset, data_dir)}
 
 
 # ----------------------------------------------------------------------------- model size
 
 
+def model_kwargs(config) -> Dict[str, Any]:
+  """The `create_model` keywords of a run config that an inference model needs (an
+  export's meta records them by name)."""
+  return {"graph_impl": str(config.graph_impl), "dtype": str(config.dtype)}
+
+
+def export_source(workdir: str, step: int, config) -> Dict[str, Any]:
+  """The provenance an export of a run's checkpoint records (its meta "source")."""
+  return {"workdir": os.path.abspath(workdir), "step": int(step),
+          "config_sha256": run_config.config_sha256(config), "method": str(config.method),
+          "dataset": str(config.dataset)}
+
+
 def model_size_bytes(config, num_classes: int, variables: Any,
-                     source: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+                     source: Optional[Dict[str, Any]] = None,
+                     method: Optional[Method] = None) -> Dict[str, int]:
   """Parameter count and the real sizes of the run's export (`qgnn_jax.export`).
 
   model_bytes_quantized: the bytes of the file `experiments.export` writes for these
@@ -156,9 +191,8 @@ def model_size_bytes(config, num_classes: int, variables: Any,
   model_bytes_fp32: the same format with every kernel float32 and no quantizer sites (for
   a full-precision run the two are the same file). params: the scalars of `params`.
   """
-  from qgnn_jax import export  # pylint: disable=g-import-not-at-top
-  rules = quant_rules(config)
-  kw = dict(model_kwargs=export.model_kwargs(config), source=source)
+  rules = quant_rules(config, method)
+  kw = dict(model_kwargs=model_kwargs(config), source=source)
   quantized = export.nbytes(export.build(config.model, num_classes, rules, variables, **kw))
   fp32 = quantized if not rules else export.nbytes(
       export.build(config.model, num_classes, rules, variables, fp32=True, **kw))

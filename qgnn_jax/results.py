@@ -1,4 +1,5 @@
-"""The results schema (SPEC §6 plus provenance): one home for what a run reports.
+"""The results schema (docs/METHOD.md, "Results", plus provenance): one home for what a
+run reports.
 
 `results.json` (written by `qgnn_jax.experiment` at the end of a run) holds exactly
 :data:`RESULT_KEYS`; the ablation's CSV (`experiments.sweep_report`) has the columns
@@ -18,8 +19,8 @@ import os
 import subprocess
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-# SPEC §6, in order.
-SPEC_KEYS: Tuple[str, ...] = (
+# The keys every run reports, in order (docs/METHOD.md, "Results").
+REQUIRED_KEYS: Tuple[str, ...] = (
     "dataset", "model", "method", "w_bits", "a_bits", "seed", "top1", "fp_top1", "train_steps",
     "train_seconds", "params", "model_bytes_fp32", "model_bytes_quantized")
 # What top1 was measured on: eval_split is "test" or "validation"; eval_loss the mean CE there.
@@ -31,7 +32,7 @@ EVAL_KEYS: Tuple[str, ...] = ("eval_split", "eval_loss")
 PROVENANCE_KEYS: Tuple[str, ...] = (
     "jax_version", "flax_version", "device_kind", "device_count", "process_count", "git_commit",
     "config_sha256", "data_source", "config_changes", "started_at", "finished_at")
-RESULT_KEYS: Tuple[str, ...] = SPEC_KEYS + EVAL_KEYS + PROVENANCE_KEYS
+RESULT_KEYS: Tuple[str, ...] = REQUIRED_KEYS + EVAL_KEYS + PROVENANCE_KEYS
 # The ablation CSV: the run's name (its workdir's basename), then every result key.
 CSV_FIELDS: Tuple[str, ...] = ("run",) + RESULT_KEYS
 

@@ -1,10 +1,14 @@
-"""A run config checked before anything runs, and compared with the one a workdir was made by.
+"""A run's config: its defaults, its method, checked before anything runs, and compared with
+the one a workdir was made by.
 
-* :func:`validate` checks every field of a run config (`experiments/configs/common.py`
-  lists them) for type and range, and that batch sizes divide over the devices, before any
-  data is read or anything compiled. A bad field raises :class:`ConfigError` with one line
-  naming the field, the value and what is valid; `experiments.run` prints it and exits
-  with status 2, leaving no file behind.
+* :func:`defaults` is every field of a run config with its default value
+  (`experiments/configs/*.py` start from it and override what they need).
+* the `method` field ('pq+aqd+sqd') is read by `qgnn_jax.method.parse_method` into a
+  `Method`, once per run; the run passes that value on (`recipe`, `experiment`).
+* :func:`validate` checks every field of a run config for type and range, and that batch
+  sizes divide over the devices, before any data is read or anything compiled. A bad
+  field raises :class:`ConfigError` with one line naming the field, the value and what is
+  valid; `experiments.run` prints it and exits with status 2, leaving no file behind.
 * :func:`config_diff` lists the fields that change the run between a workdir's saved
   `config.json` and a new config: all fields but :data:`RESTART_SAFE_FIELDS` (how the run is
   watched and checkpointed, not what it computes).
@@ -12,11 +16,17 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
 import math
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import ml_collections
+
+from qgnn_jax.method import Method, bits_range, parse_method, parse_sqd_bits  # noqa: F401
 
 # Fields that may differ when a workdir is restarted: they change what is printed, logged
 # or checkpointed (and where training stops this time), never the numbers a run computes.
@@ -25,12 +35,10 @@ RESTART_SAFE_FIELDS = frozenset({
     "eval_every_epochs", "restore_step"})
 
 GRAPH_IMPLS = ("dense", "segment")
-DTYPES = ("float32", "bfloat16")
-GRANULARITIES = ("channel", "tensor")
-LSQ_GRIDS = ("signed", "unsigned", "offset")  # qgnn_jax.quant.GRIDS (not imported: no jax here)
+DTYPES = ("float32", "bfloat16")  # compute dtypes by name (`compute_dtype`)
 OPTIMIZERS = ("adamw", "sgd")
 EVAL_ON = ("auto", "test", "validation")
-BITS_RANGE = (2, 16)
+EVAL_SPLITS = ("test", "validation")
 
 
 class ConfigError(ValueError):
@@ -39,6 +47,111 @@ class ConfigError(ValueError):
 
 class ConfigMismatchError(ValueError):
   """A workdir's saved config.json differs from the new config in run-defining fields."""
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field of a run config with its default: the quick start's run (FP on
+  scikit-learn's 8x8 digits). `experiments/configs/*.py` start from it; the values are
+  chosen in docs/METHOD.md ("Choices")."""
+  c = ml_collections.ConfigDict()
+  # Data
+  c.dataset = "digits"
+  c.data_dir = ""            # '' -> default search path / TFDS_DATA_DIR
+  c.val_holdout = 0          # >0: hold out this many train images and evaluate on them
+  c.eval_on = "auto"         # auto (test, or validation when val_holdout > 0) | test | validation
+  c.augment = True
+  # Model and quantization
+  c.model = "vig_digits"
+  c.method = "fp"            # fp | minmax | lsq | pq | pq+aqd | pq+sqd | pq+aqd+sqd (parse_method)
+  c.w_bits = 4
+  c.a_bits = 4
+  c.lam = 2.5                # PQ's lambda: both ablations' W2A2 validation winner (docs/METHOD.md)
+  c.w_symmetric = True       # weights: symmetric grid, codes +-(2^(b-1) - 1)
+  c.a_symmetric = False      # activations: asymmetric grid, 2^b levels over [lo, hi]
+  c.w_granularity = "channel"  # channel | tensor
+  c.a_granularity = "tensor"   # channel | tensor
+  c.ema_momentum = 0.9       # activation-range EMA
+  # LSQ's activation grid where the input is a GELU output (recipe.GELU_INPUTS): signed |
+  # unsigned (LSQ's after-ReLU grid, the tail below 0 clipped) | offset (LSQ+'s learnable
+  # offset); elsewhere signed. Range quantizers ignore it. CPU W2A2 validation (issue 15,
+  # docs/METHOD.md): signed 88.32 / unsigned 88.52 / offset 87.88 % (within the noise).
+  c.lsq_gelu_grid = "unsigned"
+  # Range quantizers: gradient to lo/hi and through PQ's mu, sigma (True), or stop-gradient
+  # (the paper's recipe; docs/METHOD.md, "Choices"). CPU W2A2 validation with pq (issue 15): False
+  # 88.06 / True 87.62 %.
+  c.range_grad = False
+  c.quantize_stem = False
+  c.quantize_head = False
+  c.graph_impl = "dense"     # dense | segment (jraph)
+  c.dtype = "float32"        # compute dtype; params stay float32
+  c.drop_path = 0.0
+  c.dropout = 0.0
+  # Self-distillation (used only when the method names aqd / sqd). The GPU ablation's W2A2
+  # validation winners (docs/METHOD.md); the paper's starting point was 1, 1, 1, 0.5, 1
+  # (docs/METHOD.md, "Distillation weights").
+  c.aqd_alpha = 0.1
+  c.aqd_tau = 2.0
+  c.sqd_beta = 3.0
+  c.sqd_p = 0.25
+  c.sqd_temperature = 2.0
+  # The forms (qgnn_jax.distill.AQD_FORMS / SQD_FORMS; docs/METHOD.md, "Distillation
+  # forms"), and speq's activation bit choices: "auto" = {b+2, 8, fp} besides the
+  # student's b, or a list such as "4,8,fp".
+  c.aqd_form = "channel_mse"
+  c.sqd_form = "bypass_kl"
+  c.sqd_bits = "auto"
+  # Classic KD from the frozen FP model of init_from (method '...+kd'): its weight; the
+  # temperature is sqd_temperature.
+  c.kd_weight = 1.0
+  c.label_smoothing = 0.0
+  # Optimisation
+  c.optimizer = "adamw"      # adamw | sgd
+  c.lr = 1e-3
+  c.quant_lr = -1.0          # LSQ step lr; <= 0 -> same as lr
+  c.weight_decay = 0.05
+  c.warmup_epochs = 1.0
+  c.grad_clip = 0.0
+  c.num_epochs = 10.0
+  c.num_steps = 0            # > 0 overrides num_epochs
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.seed = 0
+  # Bookkeeping
+  c.init_from = ""           # another run's workdir / checkpoint dir (QAT from FP)
+  # Where the weights a run starts from came from, when not from a run of this project:
+  # experiments.convert_official writes 'official <file> sha256:<hex> ...'.
+  c.source = ""
+  c.log_every = 50
+  c.eval_every_epochs = 1.0  # 0 -> only at the end
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.stop_at_step = 0         # > 0: stop (resumably) at this step, as a crash would
+  c.restore_step = 0         # > 0: resume from this kept step, not the newest
+  c.progress = True
+  # Two-phase pipelines (quick start): FP pretraining, then QAT initialised from it
+  c.pretrain_fp_epochs = 0.0
+  # Post-training quantization of init_from's model (no training; qgnn_jax/ptq_run.py):
+  # calibrate on ptq_batches training batches, then search each site's activation range
+  # ("mse": PQ's lambda / min-max's clip minimising the quantization error; "none")
+  c.ptq = False
+  c.ptq_batches = 8
+  c.ptq_search = "mse"
+  return c
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def compute_dtype(name: str) -> Any:
+  """The jax dtype of a config's `dtype` name (one of DTYPES); ValueError otherwise."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"dtype={name!r}; valid: {', '.join(repr(d) for d in DTYPES)}")
+  return dtypes[name]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -100,10 +213,13 @@ def _str(field, v):
     raise _bad(field, v, "valid: a string")
 
 
-def _one_of(choices: Tuple[str, ...]) -> Callable[[str, Any], None]:
+def _one_of(choices) -> Callable[[str, Any], None]:
+  """choices: a tuple of valid values, or a function returning it (a registry read when
+  the check runs, not when this module is imported)."""
   def check(field, v):
-    if v not in choices:
-      raise _bad(field, v, f"valid: one of {', '.join(repr(c) for c in choices)}")
+    valid = choices() if callable(choices) else choices
+    if v not in valid:
+      raise _bad(field, v, f"valid: one of {', '.join(repr(c) for c in valid)}")
   return check
 
 
@@ -121,7 +237,6 @@ def _model(field, v):
 
 
 def _method(field, v):
-  from qgnn_jax.recipe import parse_method  # pylint: disable=g-import-not-at-top
   try:
     parse_method(v)
   except ValueError as e:
@@ -136,25 +251,38 @@ def _distill_form(field, v):
 
 
 def _sqd_bits(field, v):
-  from qgnn_jax.recipe import parse_sqd_bits  # pylint: disable=g-import-not-at-top
   try:
     parse_sqd_bits(v, 2)
   except ValueError as e:
     raise ConfigError(f"config.{field}={v!r}: {str(e).split('; ', 1)[-1]}") from None
 
 
+def _bits(field, v):
+  _int(*bits_range())(field, v)
+
+
+def _granularities():
+  from qgnn_jax.qat.rules import GRANULARITIES  # pylint: disable=g-import-not-at-top
+  return GRANULARITIES
+
+
+def _grids():
+  from qgnn_jax.quant import GRIDS  # pylint: disable=g-import-not-at-top
+  return GRIDS
+
+
 PTQ_SEARCHES = ("mse", "none")  # per-site range search after calibration, or none
 
-# Every run config field and its check (the defaults are in experiments/configs/common.py).
+# Every run config field and its check (the defaults: `defaults()`).
 FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     # data
     "dataset": _dataset, "data_dir": _str, "val_holdout": _int(0), "eval_on": _one_of(EVAL_ON),
     "augment": _bool,
     # model and quantization
-    "model": _model, "method": _method, "w_bits": _int(*BITS_RANGE), "a_bits": _int(*BITS_RANGE),
+    "model": _model, "method": _method, "w_bits": _bits, "a_bits": _bits,
     "lam": _real(0, lo_open=True), "w_symmetric": _bool, "a_symmetric": _bool,
-    "w_granularity": _one_of(GRANULARITIES), "a_granularity": _one_of(GRANULARITIES),
-    "ema_momentum": _real(0, 1, hi_open=True), "lsq_gelu_grid": _one_of(LSQ_GRIDS),
+    "w_granularity": _one_of(_granularities), "a_granularity": _one_of(_granularities),
+    "ema_momentum": _real(0, 1, hi_open=True), "lsq_gelu_grid": _one_of(_grids),
     "range_grad": _bool, "quantize_stem": _bool, "quantize_head": _bool,
     "graph_impl": _one_of(GRAPH_IMPLS), "dtype": _one_of(DTYPES),
     "drop_path": _real(0, 1, hi_open=True), "dropout": _real(0, 1, hi_open=True),
@@ -207,7 +335,7 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
   missing = sorted(set(FIELD_CHECKS) - set(fields))
   if missing:
     raise ConfigError(f"config.{missing[0]}: missing (every config starts from "
-                      f"experiments/configs/common.py's base_config())")
+                      f"qgnn_jax.run_config.defaults())")
   for field, check in FIELD_CHECKS.items():
     check(field, fields[field])
   per = num_devices * num_processes
@@ -222,7 +350,7 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
   if fields["eval_on"] == "validation" and fields["val_holdout"] == 0:
     raise _bad("eval_on", "validation", "needs val_holdout > 0 (images held out of train)")
   _check_image_size(fields["model"], fields["dataset"])
-  if "kd" in str(fields["method"]).split("+") and not fields["init_from"] \
+  if parse_method(fields["method"]).kd and not fields["init_from"] \
       and not fields["pretrain_fp_epochs"]:
     raise _bad("method", fields["method"], "+kd distils from the FP model QAT starts from: "
                                            "set config.init_from (or pretrain_fp_epochs)")
@@ -252,6 +380,9 @@ def _check_image_size(model: str, dataset: str) -> None:
 
 
 # ----------------------------------------------------------------------------- restart
+
+
+CONFIG_FILE = "config.json"  # a workdir's saved config (its fields, and CHANGES_KEY)
 
 
 # A key of config.json beside the fields: the changes `--allow_config_change` let through,
@@ -325,3 +456,17 @@ def check_restart(saved: Mapping[str, Any], new: Any, workdir: str,
         f"Use a new --workdir, or pass --allow_config_change to continue this run with the "
         f"new values (its checkpoints were made with the old ones).")
   return diff
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """A workdir's config.json as a run ConfigDict: fields it predates take the values the run
+  was made with where those are known (`LEGACY_VALUES`: an old LSQ run's signed GELU grid),
+  else today's defaults. Raises FileNotFoundError when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a run's workdir?")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  config = defaults()
+  config.update(ml_collections.ConfigDict(with_legacy_values(saved)))
+  return config

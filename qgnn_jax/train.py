@@ -1,4 +1,5 @@
-"""Train state, the QGNN-IC loss, and pmap-ed train/eval steps (SPEC §4).
+"""Train state, the QGNN-IC loss, and pmap-ed train/eval steps (docs/METHOD.md, "Training
+infrastructure").
 
 One code path serves 1 and N local devices: every per-step function runs
 under `jax.pmap(axis_name="batch")`; state leaves carry a leading device axis
@@ -60,8 +61,8 @@ class LossConfig:
   precision). kd_weight: classic knowledge distillation from a separate, frozen FP model
   (T^2 KL at `temperature`; `make_train_step`'s teacher_variables). A zero weight removes
   that teacher pass from the program. tau,
-  bypass_prob and temperature default to the ablation's validation winners (SPEC's
-  starting point: 1, 0.5, 1); the run configs set alpha = 0.1, beta = 3 for aqd / sqd.
+  bypass_prob and temperature default to the ablation's validation winners (the
+  paper's starting point: 1, 0.5, 1; docs/METHOD.md, "Distillation weights"); the run configs set alpha = 0.1, beta = 3 for aqd / sqd.
   """
   student_mode: str = "fp"
   alpha: float = 0.0

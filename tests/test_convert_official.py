@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from qgnn_jax import models, official
+from qgnn_jax import workdir as workdir_lib
 from qgnn_jax.models.blocks import NEIGHBORS
 from qgnn_jax.models.pvig import PyramidViG
 from qgnn_jax.models.vig import ViG
@@ -300,7 +301,7 @@ def test_the_workdir_evaluates_exports_and_initialises_qat(tmp_path):
   config = base_config()
   config.eval_batch_size = 360
   wd = str(tmp_path / "wd")
-  out = official.convert_checkpoint(path, "vig_digits", wd, config, fold_normalization=False)
+  out = workdir_lib.convert_checkpoint(path, "vig_digits", wd, config, fold_normalization=False)
   assert out["num_classes"] == 10 and out["sha256"] == official.file_sha256(path)
   saved = experiment.load_run_config(wd)
   assert saved.source.startswith(f"official digits_official.npz sha256:{out['sha256']}")
@@ -308,9 +309,9 @@ def test_the_workdir_evaluates_exports_and_initialises_qat(tmp_path):
   raw = ckpt.restore_from(wd)
   for p, leaf in ckpt.flatten_with_paths(v["params"]).items():
     np.testing.assert_array_equal(ckpt.flatten_with_paths(raw["params"])[p], leaf)
-  ev = experiment.evaluate_checkpoint(wd)
+  ev = workdir_lib.evaluate_checkpoint(wd)
   assert ev["count"] > 300 and 0.0 <= ev["top1"] <= 1.0  # digits' test split
-  ex = export.export_workdir(wd, str(tmp_path / "m.qgx"))
+  ex = workdir_lib.export_workdir(wd, str(tmp_path / "m.qgx"))
   assert ex["sites"] == 0 and ex["bytes"] > 0
   # --config.init_from=WORKDIR: a QAT state takes every FP variable from it.
   from qgnn_jax import recipe, run_config  # pylint: disable=import-outside-toplevel
@@ -326,11 +327,11 @@ def test_the_workdir_evaluates_exports_and_initialises_qat(tmp_path):
   for p, leaf in ckpt.flatten_with_paths(v).items():
     np.testing.assert_array_equal(got[p], leaf, err_msg="/".join(p))
   with pytest.raises(official.ConversionError, match="already holds checkpoints"):
-    official.convert_checkpoint(path, "vig_digits", wd, config, fold_normalization=False)
+    workdir_lib.convert_checkpoint(path, "vig_digits", wd, config, fold_normalization=False)
   os.makedirs(tmp_path / "seven")
   path7, _ = _digits_checkpoint(tmp_path / "seven", 7)
   with pytest.raises(official.ConversionError, match="head has 7 classes, dataset 'digits'"):
-    official.convert_checkpoint(path7, "vig_digits", str(tmp_path / "wd7"), config)
+    workdir_lib.convert_checkpoint(path7, "vig_digits", str(tmp_path / "wd7"), config)
 
 
 def _cli(*args):
@@ -434,12 +435,12 @@ def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
 
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     fp_wd = str(tmp_path / "fp")
-    out = official.convert_checkpoint(sd_path, "vig_ti_224", fp_wd, config())
+    out = workdir_lib.convert_checkpoint(sd_path, "vig_ti_224", fp_wd, config())
     assert out["num_classes"] == 1000 and out["params"] == 7_184_744
     with pytest.raises(official.ConversionError, match="1000 classes, dataset 'imagenette'"):
-      official.convert_checkpoint(sd_path, "vig_ti_224", str(tmp_path / "nette"),
+      workdir_lib.convert_checkpoint(sd_path, "vig_ti_224", str(tmp_path / "nette"),
                                   config(dataset="imagenette"))
-    fp_eval = experiment.evaluate_checkpoint(fp_wd)
+    fp_eval = workdir_lib.evaluate_checkpoint(fp_wd)
     assert fp_eval["count"] == 8 and np.isfinite(fp_eval["loss"])
 
     # Post-training quantization of the converted run (--config.ptq=true), then two QAT
@@ -448,21 +449,21 @@ def test_224_path_end_to_end_on_mock_imagenet(tmp_path, monkeypatch):
     ptq = experiment.train_and_evaluate(
         config(method="pq", ptq=True, ptq_batches=1, init_from=fp_wd, num_steps=1), ptq_wd)
     assert ptq["train_steps"] == 0 and np.isfinite(ptq["eval_loss"])
-    assert experiment.evaluate_checkpoint(ptq_wd)["top1"] == ptq["top1"]
+    assert workdir_lib.evaluate_checkpoint(ptq_wd)["top1"] == ptq["top1"]
     res = experiment.train_and_evaluate(config(method="pq", init_from=ptq_wd, num_steps=2),
                                         qat_wd)
     assert res["train_steps"] == 2 and np.isfinite(res["eval_loss"])
-    ev = experiment.evaluate_checkpoint(qat_wd)
+    ev = workdir_lib.evaluate_checkpoint(qat_wd)
     assert ev["step"] == 2 and ev["top1"] == res["top1"]
     qgx = str(tmp_path / "vig_ti_w4a4.qgx")
-    ex = export.export_workdir(qat_wd, qgx)
+    ex = workdir_lib.export_workdir(qat_wd, qgx)
     assert ex["sites"] > 0 and ex["bytes"] < ex["bytes_fp32"]
     exported = export.load(qgx)
     assert exported.integer_sites == ex["sites"]
     # As tests/test_export.py: the dequantized path is fake quantization to float rounding;
     # the integer path predicts the same classes (its logits differ where rounding flips a
     # k-NN choice between near-equal candidates).
-    fake_fn, fake_vars = export.checkpoint_fn(qat_wd)
+    fake_fn, fake_vars = workdir_lib.checkpoint_fn(qat_wd)
     integer_fn, dequantized_fn = exported.apply_fn(True), exported.apply_fn(False)
     for batch in data_lib.stream_eval_batches("imagenet2012", 4, data_dir=str(data_dir)):
       x = jnp.asarray(batch["image"][0])

@@ -14,6 +14,7 @@ import pytest
 from experiments.configs import quickstart
 from qgnn_jax import checkpoint as ckpt
 from qgnn_jax import experiment, export, recipe, results, run_config, run_log
+from qgnn_jax import workdir as workdir_lib
 from qgnn_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,14 +84,14 @@ def test_outputs_and_results_schema(finished):
   with open(wd / "results.json") as f:
     on_disk = json.load(f)
   assert on_disk == res and tuple(res) == results.RESULT_KEYS == experiment.RESULT_KEYS
-  assert set(results.SPEC_KEYS) <= set(res)
+  assert set(results.REQUIRED_KEYS) <= set(res)
   assert res["w_bits"] is None and res["a_bits"] is None and res["fp_top1"] is None
   assert 0.0 <= res["top1"] <= 1.0 and isinstance(res["top1"], float)
   assert res["train_steps"] == 4 and res["params"] > 0
   # Sizes: the export experiments.export writes (an FP run: one file, its params at fp32
   # plus BN statistics, keys and meta).
   assert res["model_bytes_quantized"] == res["model_bytes_fp32"] == \
-      export.nbytes(export.from_workdir(str(wd)))
+      export.nbytes(workdir_lib.from_workdir(str(wd)))
   assert 4 * res["params"] < res["model_bytes_fp32"] < 4 * res["params"] * 1.2 + 20000
   # Provenance: what measured top1, and what made it.
   assert res["eval_split"] == "test" and res["eval_loss"] > 0
@@ -137,16 +138,16 @@ def test_restart_with_another_config_is_refused_before_any_write(finished):
 
 def test_evaluate_a_checkpoint_without_training(finished):
   wd, res = finished
-  out = experiment.evaluate_checkpoint(str(wd))
+  out = workdir_lib.evaluate_checkpoint(str(wd))
   assert out["step"] == 4 and out["split"] == "test" and out["count"] == 359
   assert out["top1"] == res["top1"] and out["loss"] == pytest.approx(res["eval_loss"], rel=1e-9)
   assert json.loads((wd / results.EVAL_FILE).read_text()) == out
-  early = experiment.evaluate_checkpoint(str(wd), step=2, split="test")
+  early = workdir_lib.evaluate_checkpoint(str(wd), step=2, split="test")
   assert early["step"] == 2
   with pytest.raises(ckpt.CheckpointError, match=r"step 3 is not kept .*\[2, 4\]"):
-    experiment.evaluate_checkpoint(str(wd), step=3)
+    workdir_lib.evaluate_checkpoint(str(wd), step=3)
   with pytest.raises(run_config.ConfigError, match="val_holdout=0"):
-    experiment.evaluate_checkpoint(str(wd), split="validation")
+    workdir_lib.evaluate_checkpoint(str(wd), split="validation")
 
 
 def test_resume_equals_uninterrupted(finished, tmp_path):
@@ -251,7 +252,7 @@ def test_qat_init_from_fp_and_quantized_size(tmp_path):
   assert res["fp_top1"] == fp["top1"] and res["w_bits"] == 4 and res["a_bits"] == 4
   assert res["model_bytes_quantized"] < res["model_bytes_fp32"] / 2
   # ... the byte counts of the files experiments.export writes for this checkpoint.
-  out = export.export_workdir(str(tmp_path / "qat"), str(tmp_path / "qat.qgx"))
+  out = workdir_lib.export_workdir(str(tmp_path / "qat"), str(tmp_path / "qat.qgx"))
   assert (out["bytes"], out["bytes_fp32"]) == \
       (res["model_bytes_quantized"], res["model_bytes_fp32"])
   assert os.path.getsize(tmp_path / "qat.qgx") == res["model_bytes_quantized"]

@@ -14,6 +14,7 @@ import pytest
 from flax import serialization
 
 from qgnn_jax import export, models, qat, quant
+from qgnn_jax import workdir as workdir_lib
 from qgnn_jax.models import LAYER_GROUPS
 from qgnn_jax.models.blocks import GroupedDense
 
@@ -246,10 +247,10 @@ def test_workdir_export_load_evaluate_round_trip(tmp_path):
            eval_batch_size=360, checkpoint_every=1, eval_every_epochs=0.0, progress=False)
   wd = str(tmp_path / "qat")
   res = experiment.train_and_evaluate(c, wd)
-  out = export.export_workdir(wd, str(tmp_path / "m.qgx"))
+  out = workdir_lib.export_workdir(wd, str(tmp_path / "m.qgx"))
   assert (out["bytes"], out["bytes_fp32"]) == \
       (res["model_bytes_quantized"], res["model_bytes_fp32"])
-  ev = export.evaluate_export(str(tmp_path / "m.qgx"), compare=True)
+  ev = workdir_lib.evaluate_export(str(tmp_path / "m.qgx"), compare=True)
   assert ev["count"] == 359 and ev["integer_sites"] == ev["sites"] > 0  # digits test split
   assert ev["top1_integer"] == ev["top1_checkpoint"] == pytest.approx(res["top1"])
   assert ev["integer_vs_checkpoint"]["differing_predictions"] == 0

@@ -220,8 +220,8 @@ def interrupted(tmp_path_factory):
   host can mount) an attempt to resume it, then resumed to the end: {step: (code, stdout,
   stderr lines)} and the workdir."""
   wd = tmp_path_factory.mktemp("interrupted")
-  out = {"interrupt": _cli("experiments.run", *RUN_ARGS, f"--workdir={wd}",
-                           env={**os.environ, experiment.KILL_AT_ENV: "mid_step:3:INT"})}
+  out = {"interrupt": _cli_cmd([sys.executable, os.path.join(ROOT, "tests", "fault_run.py"),
+                                "mid_step:3:INT", *RUN_ARGS, f"--workdir={wd}"])}
   if _can_mount(wd):
     out["read_only"] = _cli_cmd(_read_only(wd, sys.executable, "-m", "experiments.run",
                                            *RUN_ARGS, f"--workdir={wd}"))

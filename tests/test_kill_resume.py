@@ -3,8 +3,9 @@ SIGKILLed mid-step, during an asynchronous checkpoint save and during evaluation
 restarted; the run that finally completes is bit-identical to an uninterrupted one,
 metrics.jsonl holds each step once, and a finished workdir is reported without rerunning.
 
-The kill points are `qgnn_jax.experiment`'s test hook (QGNN_TEST_KILL_AT=point:step: the
-process sends itself SIGKILL there). Subprocesses share a JAX compilation cache so that
+The kill points are the run's fault points (`qgnn_jax.experiment.OnEvent`), killed at by
+tests/fault_run.py's callback (point:step: the process sends itself SIGKILL there).
+Subprocesses share a JAX compilation cache so that
 only the first one compiles.
 """
 import collections
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 
 from qgnn_jax import checkpoint as ckpt
-from qgnn_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ("--config.pretrain_fp_epochs=0", "--config.method=fp", "--config.num_steps=8",
@@ -33,15 +33,13 @@ def cache_env(tmp_path_factory):
   env = dict(os.environ)
   env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  env.pop(experiment.KILL_AT_ENV, None)
   return env
 
 
 def _run(workdir, env, kill_at=None):
-  env = dict(env)
-  if kill_at:
-    env[experiment.KILL_AT_ENV] = kill_at
-  return subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *ARGS],
+  run = [os.path.join(ROOT, "tests", "fault_run.py"), kill_at] if kill_at else \
+      ["-m", "experiments.run"]
+  return subprocess.run([sys.executable, *run, f"--workdir={workdir}", *ARGS],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

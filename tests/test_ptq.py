@@ -11,6 +11,7 @@ import pytest
 
 from experiments.configs import quickstart
 from qgnn_jax import experiment, export, qat
+from qgnn_jax import workdir as workdir_lib
 from qgnn_jax.qat import ptq  # noqa: F401  (ptq.LAMS etc.)
 
 
@@ -79,9 +80,9 @@ def test_ptq_run_writes_a_workdir_that_evaluate_and_export_take(tmp_path):
       _config(method="pq", w_bits=8, a_bits=8, init_from=fp_dir, ptq=True, ptq_batches=2), wd)
   assert res["train_steps"] == 0 and res["fp_top1"] == fp["top1"]
   assert os.path.exists(os.path.join(wd, "ptq.json"))
-  again = experiment.evaluate_checkpoint(wd)
+  again = workdir_lib.evaluate_checkpoint(wd)
   assert again["top1"] == res["top1"]
-  out = export.export_workdir(wd, str(tmp_path / "ptq.qgx"))
+  out = workdir_lib.export_workdir(wd, str(tmp_path / "ptq.qgx"))
   assert out["bytes"] == res["model_bytes_quantized"]
   with pytest.raises(ValueError, match="init_from"):
     experiment.train_and_evaluate(_config(method="pq", ptq=True), str(tmp_path / "x"))

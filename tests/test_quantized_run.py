@@ -21,12 +21,12 @@ def test_init_from_copies_the_fp_weights_and_a_resumed_qat_run_is_bit_identical(
   # What a fresh QAT run starts from: the FP run's params and BN statistics, leaf by leaf.
   run = experiment.setup(qat, str(tmp_path / "init"))
   try:
-    experiment.restore_or_init(run)
+    begun = experiment.restore_or_init(run)
   finally:
     run.manager.close()
-  start = ckpt.flatten_with_paths(jax.device_get(run.state))
+  start = ckpt.flatten_with_paths(jax.device_get(begun.state))
   copied = [p for p in start if p[0] in ("params", "batch_stats") and p in fp]
-  assert len(copied) > 20 and run.progress.fp_top1 is not None
+  assert len(copied) > 20 and begun.progress.fp_top1 is not None
   for p in copied:
     np.testing.assert_array_equal(start[p], fp[p], err_msg="/".join(p))
   assert any(p not in fp for p in start if p[0] == "quant_stats")  # the sites' ranges

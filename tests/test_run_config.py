@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments.configs import common, quickstart
-from qgnn_jax import experiment, run_config
+from qgnn_jax import experiment, recipe, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ BAD_FIELDS = [
     ("method", "nq", "config.method='nq': valid:"),  # an unknown quantizer
     ("graph_impl", "sparse", "config.graph_impl='sparse': valid: one of 'dense', 'segment'"),
     ("dtype", "float16", "config.dtype='float16': valid: one of 'float32', 'bfloat16'"),
-    ("w_granularity", "row", "config.w_granularity='row': valid: one of 'channel', 'tensor'"),
+    ("w_granularity", "row", "config.w_granularity='row': valid: one of 'tensor', 'channel'"),
     ("optimizer", "adam", "config.optimizer='adam': valid: one of 'adamw', 'sgd'"),
     ("eval_on", "train", "config.eval_on='train': valid: one of 'auto', 'test', 'validation'"),
     ("eval_on", "validation", "config.eval_on='validation': needs val_holdout > 0"),
@@ -121,7 +121,7 @@ def test_config_diff_ignores_only_the_restart_safe_fields():
 def test_train_and_evaluate_validates_before_anything(tmp_path, monkeypatch):
   def no_data(*a, **k):
     raise AssertionError("data loaded before the config was checked")
-  monkeypatch.setattr(experiment, "input_pipeline", no_data)
+  monkeypatch.setattr(recipe, "input_pipeline", no_data)
   c = quickstart.get_config()
   c.w_bits, c.method = 1, "fp"
   with pytest.raises(run_config.ConfigError, match="config.w_bits=1"):
