@@ -1,6 +1,6 @@
 """A/B of the train step's backward changes (issue 16), one process, interleaved rounds.
 
-    python experiments/results/bench/ab_train_step.py --model vig_ti_32 --batch 128 \
+    python tools/bench/ab_train_step.py --model vig_ti_32 --batch 128 \
         --methods fp --rounds 10 --json experiments/results/bench/ab_train_step_cpu.json
 
 Variants (each the real `train.make_train_step` of `experiments.bench`, traced with the
@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 _OLD = dict(erf_gelu=False, conv_grad=False)
 VARIANTS = {

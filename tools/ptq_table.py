@@ -2,7 +2,7 @@
 searched lambda vs the fixed one (2.5), min-max plain and with its clip searched (README,
 "Post-training quantization of a run"; docs/METHOD.md, "Post-training quantization").
 
-    python experiments/results/ptq/run_table.py --fp runs/onefooting/fp_s0 --out runs/ptq
+    python tools/ptq_table.py --fp runs/onefooting/fp_s0 --out runs/ptq
 
 Each row is one `--config.ptq=true` run (the same as `python -m experiments.run
 --config=experiments/configs/fashion_mnist_qat.py --workdir runs/ptq/<row>
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from experiments.configs import fashion_mnist_qat  # noqa: E402
 from qgnn_jax import experiment  # noqa: E402
@@ -70,7 +70,8 @@ def write_table(args, fp, rows):
       r = json.load(f)
     if r.get("w_bits"):
       qat.setdefault(r["w_bits"], []).append((r["method"], r["top1"], os.path.dirname(path)))
-  here = os.path.dirname(os.path.abspath(__file__))
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments",
+                      "results", "ptq")  # the table beside the results it summarises
   with open(os.path.join(here, "table.md"), "w") as f:
     f.write(f"FP checkpoint: {args.fp} (top-1 {100 * fp['top1']:.2f}% on "
             f"{fp.get('eval_split', 'test')})\n\n")

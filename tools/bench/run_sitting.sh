@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One sitting: the PyTorch peer (no-mmap malloc) and ours, alternated, on this machine.
-# Usage (repo root): bash experiments/results/bench/run_sitting.sh [OUT_DIR]
+# Usage (repo root): bash tools/bench/run_sitting.sh [OUT_DIR]
 # (vig.py prints its dpr/num_knn lists on stdout: only the JSON lines are kept.)
-# Needs /tmp/peer-venv and /tmp/peer-vig (bash /work/shared/peer_vig/setup.sh GIT_DIR).
+# PEER_DIR: the peer harness's folder (default: shared/peer_vig beside the repository's
+# root); PEER_PYTHON: its venv's python (default /tmp/peer-venv/bin/python). Set them up
+# with bash "$PEER_DIR/setup.sh" GIT_DIR.
 set -u
 out=${1:-experiments/results/bench}; mkdir -p "$out"
-peer=/work/shared/peer_vig/bench.py; P=/tmp/peer-venv/bin/python
+root=$(cd "$(dirname "$0")/../.." && pwd)
+PEER_DIR=${PEER_DIR:-$root/../shared/peer_vig}
+peer=$PEER_DIR/bench.py; P=${PEER_PYTHON:-/tmp/peer-venv/bin/python}
 nommap="MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736"
 log() { echo "$(date -u +%FT%TZ) $(cut -d' ' -f1-3 /proc/loadavg) $*" | tee -a "$out/sitting.log"; }
 log "start $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cpus"

@@ -1,6 +1,6 @@
 """A/B of XLA:CPU compiler flags on compile time and step time, interleaved, fresh processes.
 
-    python experiments/results/bench/ab_xla_flags.py --model vig_ti_224 --batch 32 \
+    python tools/bench/ab_xla_flags.py --model vig_ti_224 --batch 32 \
         --methods fp --rounds 2 --json experiments/results/bench/ab_xla_flags_vig_ti_224.json
 
 Every round runs `python -m experiments.bench` once per variant, in turn (a burst of load
@@ -31,7 +31,7 @@ VARIANTS = {
     "onednn": "--xla_cpu_use_onednn=true",
 }
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 
 def load() -> float:

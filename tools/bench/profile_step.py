@@ -1,7 +1,7 @@
 """Where the time of a train (or eval) step goes: jax.profiler trace of the real pmap step,
 per-HLO-op durations joined with the compiled HLO's op_name metadata and grouped.
 
-    python experiments/results/bench/profile_step.py --model vig_ti_32 --batch 128 --method fp [--eval]
+    python tools/bench/profile_step.py --model vig_ti_32 --batch 128 --method fp [--eval]
 
 Prints a markdown table (ms per step by category, forward vs backward). Op durations are
 summed over the XLA CPU runtime's threads, so on a loaded machine they include time the
@@ -69,7 +69,8 @@ def main():
   from qgnn_jax import recipe, train as T
   from qgnn_jax.models import input_shape
   from experiments.bench import build_models, loss_config
-  quantized = recipe.parse_method(a.method).quantized
+  method = recipe.parse_method(a.method)
+  quantized = method.quantized
   model, init_model = build_models(a.model, a.method, 10)  # the recipe's W4A4 rules, as bench
   tx = T.make_optimizer("adamw", 1e-3, 1000, 10)
   rng = np.random.default_rng(0)
@@ -80,7 +81,7 @@ def main():
     s = T.calibrate(init_model, s, jnp.asarray(x[:8]))
   state = T.replicate(s, 1); data = jax.pmap(lambda v: v)(T.shard_batch({"image": x, "label": y}, 1))
   if a.eval:
-    fn = T.make_eval_step(model, "quant" if quantized else "fp")
+    fn = T.make_eval_step(model, method.mode)
     step = lambda st, d: (st, fn(st, d))
   else:
     fn = T.make_train_step(model, tx, loss_config(a.method), 10)

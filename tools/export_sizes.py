@@ -1,6 +1,6 @@
 """Export sizes (bytes) of the registered models at fp32, W4A4 and W2A2 (issue 14).
 
-    python experiments/results/export/sizes.py vig_tiny_28:10 vig_ti_224:1000 vig_ti_224:10
+    python tools/export_sizes.py vig_tiny_28:10 vig_ti_224:1000 vig_ti_224:10
 
 Arguments: model[:classes] (default 10 classes).
 
