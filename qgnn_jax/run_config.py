@@ -34,7 +34,6 @@ RESTART_SAFE_FIELDS = frozenset({
     "progress", "log_every", "stop_at_step", "checkpoint_every", "keep_checkpoints",
     "eval_every_epochs", "restore_step"})
 
-GRAPH_IMPLS = ("dense", "segment")
 DTYPES = ("float32", "bfloat16")  # compute dtypes by name (`compute_dtype`)
 OPTIMIZERS = ("adamw", "sgd")
 EVAL_ON = ("auto", "test", "validation")
@@ -261,14 +260,35 @@ def _bits(field, v):
   _int(*bits_range())(field, v)
 
 
+def _quantizer_bits(method: str, fields: Mapping[str, Any]) -> None:
+  """w_bits and a_bits within the bit range of the method's quantizer (its registry entry's:
+  `quant.check_bits`, e.g. N2UQ's [2, 8])."""
+  m = parse_method(method)
+  if not m.quantized:
+    return
+  from qgnn_jax import quant  # pylint: disable=g-import-not-at-top
+  for field in ("w_bits", "a_bits"):
+    try:
+      quant.check_bits(m.quantizer, fields[field], field)
+    except ValueError:
+      lo, hi = quant.bit_range(m.quantizer)
+      raise _bad(field, fields[field], f"valid: an int in [{lo}, {hi}] for method "
+                                       f"{method!r} ({m.quantizer}'s bit range)") from None
+
+
 def _granularities():
-  from qgnn_jax.qat.rules import GRANULARITIES  # pylint: disable=g-import-not-at-top
+  from qgnn_jax.quant import GRANULARITIES  # pylint: disable=g-import-not-at-top
   return GRANULARITIES
 
 
 def _grids():
   from qgnn_jax.quant import GRIDS  # pylint: disable=g-import-not-at-top
   return GRIDS
+
+
+def _graph_impls():
+  from qgnn_jax.graph import GRAPH_IMPLS  # pylint: disable=g-import-not-at-top
+  return GRAPH_IMPLS
 
 
 PTQ_SEARCHES = ("mse", "none")  # per-site range search after calibration, or none
@@ -284,7 +304,7 @@ FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "w_granularity": _one_of(_granularities), "a_granularity": _one_of(_granularities),
     "ema_momentum": _real(0, 1, hi_open=True), "lsq_gelu_grid": _one_of(_grids),
     "range_grad": _bool, "quantize_stem": _bool, "quantize_head": _bool,
-    "graph_impl": _one_of(GRAPH_IMPLS), "dtype": _one_of(DTYPES),
+    "graph_impl": _one_of(_graph_impls), "dtype": _one_of(DTYPES),
     "drop_path": _real(0, 1, hi_open=True), "dropout": _real(0, 1, hi_open=True),
     # self-distillation
     "aqd_alpha": _real(0), "aqd_tau": _real(0, lo_open=True), "sqd_beta": _real(0),
@@ -338,6 +358,7 @@ def validate(config: Any, num_devices: int = 1, num_processes: int = 1,
                       f"qgnn_jax.run_config.defaults())")
   for field, check in FIELD_CHECKS.items():
     check(field, fields[field])
+  _quantizer_bits(fields["method"], fields)
   per = num_devices * num_processes
   for field in ("batch_size", "eval_batch_size"):
     if fields[field] % per:

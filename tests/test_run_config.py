@@ -59,6 +59,14 @@ def _fields(**kw):
   return c
 
 
+def test_bits_are_checked_against_the_methods_quantizer():
+  # Every quantizer takes [2, 16]; N2UQ only [2, 8] (its registry entry's bit range).
+  run_config.validate(_fields(method="pq", a_bits=16))
+  with pytest.raises(run_config.ConfigError, match=r"config.a_bits=16: valid: an int in "
+                                                   r"\[2, 8\] for method 'n2uq'"):
+    run_config.validate(_fields(method="n2uq", a_bits=16))
+
+
 @pytest.mark.parametrize("field,value,message", BAD_FIELDS)
 def test_each_bad_field_is_one_line_naming_it(field, value, message):
   with pytest.raises(run_config.ConfigError) as e:
