@@ -1,5 +1,6 @@
 """Checkpoints with orbax-checkpoint (docs/METHOD.md, "Training infrastructure"): periodic,
-atomic, keep the last N.
+atomic, keep the last N. (errors.py: the exceptions; trees.py: paths and init_from's merge;
+checksums.py: each step's file digests.)
 
 A checkpoint directory holds one sub-folder per step (``<dir>/<step>/state``), each
 written atomically by orbax (a temporary folder renamed on commit), so a run
@@ -48,12 +49,9 @@ unverified.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import re
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,83 +59,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from qgnn_jax.checkpoint.checksums import CHECKSUMS, verify_checksums, write_checksums
+from qgnn_jax.checkpoint.errors import (CheckpointError, CheckpointWriteError,
+                                        CorruptCheckpointError, IncompatibleCheckpointError,
+                                        NonFiniteStateError, short_error)
+from qgnn_jax.checkpoint.trees import Path, _path_str, _shape_dtype, flatten_with_paths
+
 ITEM = "state"
 DATA = "data"  # the input iterator's state (JSON), written once (by process 0)
 META = "meta"  # the run's bookkeeping at that step (JSON: train seconds, start time, ...)
-CHECKSUMS = "checksums.json"  # in each step folder: {relative path: [bytes, sha256 hex]}
-Path = Tuple[str, ...]
-_ERROR_CHARS = 300  # how much of a library's own error message is quoted
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, corrupt, or does not match the expected state."""
-
-
-class CorruptCheckpointError(CheckpointError):
-  """A checkpoint step exists but cannot be read (truncated, deleted files, bad metadata)."""
-
-
-class CheckpointWriteError(CheckpointError):
-  """A checkpoint could not be written (a full disk, ...); the kept ones are intact."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-  """A readable checkpoint whose tree differs from the expected state (another model)."""
-
-
-class NonFiniteStateError(FloatingPointError):
-  """The training state holds NaN / Inf; it was not saved."""
-
-
-def short_error(e: BaseException) -> str:
-  """`Type: first line of the message`, at most _ERROR_CHARS characters (no dumps).
-
-  TensorStore's messages chain every layer ("Error opening ...: Error reading ... of local
-  file "F": reason [tensorstore_spec='{...}']"); they read as "CODE: F: reason" instead (the
-  innermost file and why), without the JSON spec or source locations.
-  """
-  lines = str(e).strip().splitlines()
-  first = lines[0] if lines else ""
-  first = re.sub(r"\s*\[(tensorstore_spec|source locations)=.*$", "", first).strip()
-  files = re.findall(r'local file "([^"]+)"', first)
-  if files:
-    code, reason = re.match(r"([A-Z_]+): ", first), first.rsplit('": ', 1)[-1]
-    first = f"{code.group(1) + ': ' if code else ''}{files[-1]}: {reason}"
-  if len(first) > _ERROR_CHARS:
-    first = first[:_ERROR_CHARS] + " ..."
-  return f"{type(e).__name__}: {first}"
-
-
-# ----------------------------------------------------------------------------- tree paths
-
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def flatten_with_paths(tree: Any) -> Dict[Path, Any]:
-  """``{("params", "dense", "kernel"): leaf, ...}``.
-
-  Dict keys, dataclass / namedtuple field names and sequence indices all become
-  strings, so a flax struct, its orbax-restored nested-dict form and a plain
-  dict of the same fields give the same paths.
-  """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(_key_str(k) for k in path): leaf for path, leaf in leaves}
-
-
-def _path_str(path: Sequence[str]) -> str:
-  return "/".join(path) or "<root>"
-
-
-def _shape_dtype(x: Any) -> Tuple[Tuple[int, ...], Optional[np.dtype]]:
-  """(shape, dtype or None) of an array, ShapeDtypeStruct or orbax ArrayMetadata."""
-  shape = tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
-  dtype = getattr(x, "dtype", None)
-  return shape, (np.dtype(dtype) if dtype is not None else None)
 
 
 # ----------------------------------------------------------------------------- manager
@@ -250,67 +180,6 @@ def _write_error(manager: ocp.CheckpointManager, e: BaseException) -> Checkpoint
         f"are free); {kept} once space is freed")
   return CheckpointWriteError(f"{directory}: a checkpoint could not be written "
                               f"({short_error(e)}); {kept}")
-
-
-# ----------------------------------------------------------------------------- checksums
-
-
-def _file_digests(step_dir: str) -> Dict[str, List[Any]]:
-  """{path relative to step_dir: [bytes, sha256 hex]} of every file but the checksums."""
-  out: Dict[str, List[Any]] = {}
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel == CHECKSUMS or rel.startswith(CHECKSUMS + "."):
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          digest.update(chunk)
-      out[rel] = [os.path.getsize(path), digest.hexdigest()]
-  return dict(sorted(out.items()))
-
-
-def write_checksums(step_dir: str) -> None:
-  """Writes step_dir/checksums.json (size and SHA-256 of each file) whole or not at all."""
-  tmp = os.path.join(step_dir, f"{CHECKSUMS}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(_file_digests(step_dir), f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
-
-
-def verify_checksums(step_dir: str) -> Optional[bool]:
-  """Checks the files of a step against its checksums.json.
-
-  Returns True when they match, None when the step has no checksums (saved by older code,
-  or killed before they were written: read unverified).
-  Raises:
-    CorruptCheckpointError: naming the first file that is missing, has another size or
-      another SHA-256 than at save, or the checksums file itself when unreadable.
-  """
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      want = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CorruptCheckpointError(f"{path} is unreadable ({short_error(e)})") from e
-  have = _file_digests(step_dir)
-  for rel, (size, sha) in want.items():
-    if rel not in have:
-      raise CorruptCheckpointError(f"{step_dir}: {rel} is missing (it was written at save)")
-    got_size, got_sha = have[rel]
-    if got_size != size:
-      raise CorruptCheckpointError(f"{step_dir}: {rel} has {got_size} bytes, {size} at save "
-                                   f"(truncated or overwritten)")
-    if got_sha != sha:
-      raise CorruptCheckpointError(f"{step_dir}: {rel} fails its SHA-256 checksum (its "
-                                   f"bytes changed after the save)")
-  return True
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -580,34 +449,3 @@ def restore_from(directory: str, target: Any = None, step: Optional[int] = None)
     return _restore_step(manager, int(step), target)
   finally:
     manager.close()
-
-
-def merge_matching(target_tree: Any, source_tree: Any) -> Tuple[Any, List[Path], List[Path]]:
-  """Copies the leaves of ``source_tree`` whose path and shape match into ``target_tree``.
-
-  Paths are compared as string tuples (see :func:`flatten_with_paths`), so a
-  raw restored tree (nested dicts) can fill a flax struct / dict of arrays.
-  Copied leaves take the target leaf's dtype (and become jax arrays if the
-  target leaf is one); the others keep the target's value.
-
-  Returns:
-    ``(merged, copied_paths, missing_paths)``; ``missing_paths`` are the target
-    paths with no source leaf of the same shape.
-  """
-  source = flatten_with_paths(source_tree)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(target_tree)
-  out, copied, missing = [], [], []
-  for path, leaf in leaves:
-    p = tuple(_key_str(k) for k in path)
-    src = source.get(p)
-    if src is not None and tuple(np.shape(src)) == _shape_dtype(leaf)[0]:
-      dtype = _shape_dtype(leaf)[1] or np.asarray(src).dtype
-      if isinstance(leaf, jax.Array):
-        out.append(jnp.asarray(src, dtype=dtype))
-      else:
-        out.append(np.asarray(src, dtype=dtype))
-      copied.append(p)
-    else:
-      out.append(leaf)
-      missing.append(p)
-  return jax.tree_util.tree_unflatten(treedef, out), copied, missing
