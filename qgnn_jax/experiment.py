@@ -83,7 +83,12 @@ class Interrupted(Exception):
 
 
 def evaluate(eval_step, state, batches) -> Dict:
-  """Top-1 and mean CE over one pass of `batches` (padding masked out)."""
+  """Top-1 and mean CE over one pass of `batches` (padding masked out).
+
+  eval_step: `train.make_eval_step`'s pmap-ed step; state: the replicated TrainState;
+  batches: {"image": (D, B/D, H, W, C) float32, "label": (D, B/D) int32, "mask": (D, B/D)}.
+  Returns {"top1": float, "loss": float, "count": int}.
+  """
   tot = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
   for batch in batches:
     out = eval_step(state, batch)
@@ -93,11 +98,12 @@ def evaluate(eval_step, state, batches) -> Dict:
           "loss": tot["loss_sum"] / max(tot["count"], 1.0), "count": int(tot["count"])}
 
 
-# ----------------------------------------------------------------------------- main entry
+# ----------------------------------------------------------------------------- one run
 
 
 def _init_from_fp(state, directory: str) -> tuple:
-  """Copies matching params / batch_stats from another run's checkpoint into state."""
+  """(state with the matching params / batch_stats of another run's checkpoint copied in,
+  that run's top-1 or None). CheckpointError when no parameter matches."""
   raw = ckpt.restore_from(directory)
   merged_p, copied, missing = ckpt.merge_matching(state.params, raw["params"])
   merged_bs, _, _ = ckpt.merge_matching(state.batch_stats, raw.get("batch_stats", {}))
@@ -112,9 +118,6 @@ def _init_from_fp(state, directory: str) -> tuple:
     with open(res) as f:
       fp_top1 = json.load(f).get("top1")
   return state.replace(params=merged_p, batch_stats=merged_bs), fp_top1
-
-
-# ----------------------------------------------------------------------------- one run
 
 
 def _notify(message: str) -> None:
