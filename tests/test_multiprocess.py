@@ -168,6 +168,31 @@ def test_two_processes_equal_one(tmp_path, reference, jax_cache, devices):
     assert json.load(f) == {"next_index": STEPS}
 
 
+# lr 0.02: SGD at the quick start's 2e-3 moves the 4-bit model's params < 1e-3 in 2 steps.
+QUANT_ARGS = ["--config.method=pq", "--config.w_bits=4", "--config.a_bits=4",
+              "--config.lr=0.02"]
+
+
+def test_quantized_two_processes_equal_one(tmp_path, jax_cache):
+  """W4A4 PQ (QAT from the calibrated initial weights): 2 processes x 1 device equal 1
+  process x 2 devices. The calibration sees the whole first global batch and the EMA
+  activation ranges are reduced over every device of every process (min / max and means
+  of 2 devices: exact), so the runs agree as the FP ones do; an unsynchronised range moves
+  codes by whole grid steps (at 4 bits ~1/8 of the range), far above these tolerances."""
+  args = [f"--config.num_steps={STEPS}", *QUANT_ARGS]
+  ref = _run(tmp_path / "one", 1, 2, jax_cache, args)
+  workdir = _run(tmp_path / "two", 2, 1, jax_cache, args)
+  _assert_same_run(workdir, ref)
+  a, b = _float_leaves(workdir), _float_leaves(ref)
+  ranges = [k for k in a if k[0] == "quant_stats"]
+  assert ranges  # the quantizers' state is in the checkpoint
+  for k in ranges:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg="/".join(k))
+  with open(os.path.join(workdir, "results.json")) as f:
+    res = json.load(f)
+  assert (res["method"], res["w_bits"], res["a_bits"], res["process_count"]) == ("pq", 4, 4, 2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes,devices", [(1, 2), (2, 1)])
 def test_two_process_checkpoint_resumes(tmp_path, reference, jax_cache, processes, devices):
