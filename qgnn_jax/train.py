@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -200,6 +200,29 @@ def _calibrate(model, state, images) -> TrainState:
                                      calibrate=True, mutable=["params", "quant_stats"])
   params = new["params"]
   return state.replace(params=params, quant_stats=new.get("quant_stats", state.quant_stats))
+
+
+def from_fp(model: Any, fp_variables: Mapping[str, Any], tx: Any, images: jax.Array,
+            rng: jax.Array, calibrate: bool = True):
+  """A `TrainState` for QAT of `model` starting from `fp_variables`, in one call (README,
+  "A model's whole life"; docs/METHOD.md, "QAT from FP variables"): the FP parameters and BN
+  statistics carried over (`qat.fp_init.carry`), each quantizer site fresh and calibrated,
+  a fresh optimiser state.
+
+  model: a `qat.QuantizedModel` (linen or NNX); fp_variables: the FP model's trained
+  {"params", "batch_stats"} (e.g. `state.variables()` of its training); tx: the QAT
+  optimiser; images: (B, H, W, C) a batch to initialise with and calibrate on (its first
+  two images shape the init); rng: a PRNG key. calibrate: set activation ranges and
+  learnable quantizer params from `images` (the function `calibrate`).
+  """
+  state = create_state(model, tx, images[:2], rng)
+  params = qat.fp_init.carry(state.params, fp_variables.get("params", {}), "params")
+  batch_stats = qat.fp_init.carry(state.batch_stats, fp_variables.get("batch_stats", {}),
+                                  "batch_stats")
+  state = state.replace(params=params, batch_stats=batch_stats)
+  if calibrate and getattr(model, "quantized", False):
+    state = run_once(functools.partial(_calibrate, model), state, images)  # = calibrate()
+  return state.replace(opt_state=tx.init(state.params))
 
 
 def replicate(tree: Any, n: Optional[int] = None) -> Any:

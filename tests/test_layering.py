@@ -41,11 +41,7 @@ LAYERS = (
 
 # Arrows known to run up, each with why it is still there. Listed, not hidden: the tests below
 # fail when one is gone (take it off the list) and when any other appears.
-PENDING = {
-    # qat.from_fp builds a train.TrainState (create_state, calibrate) from inside qat/:
-    # its home is train.py (qat/ keeping `carry`, the pure copy of FP variables).
-    ("qgnn_jax.qat.fp_init", "qgnn_jax.train"),
-}
+PENDING = set()
 
 
 def _modules():

@@ -49,7 +49,7 @@ def test_readme_nnx_model_runs_as_written(capsys):
 
 
 def test_readme_a_models_whole_life_runs_as_written(capsys):
-  """FP training -> qat.from_fp -> checkpointed loop and resume -> export -> load ->
+  """FP training -> train.from_fp -> checkpointed loop and resume -> export -> load ->
   apply, and PTQ, as the README shows them."""
   scope = {"__name__": "readme_block"}
   cwd = os.getcwd()

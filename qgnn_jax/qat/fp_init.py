@@ -1,12 +1,9 @@
-"""QAT from a full-precision model's trained variables, in one call (README, "Quantize your
-own model"; docs/METHOD.md, "QAT from FP variables").
+"""The FP model's trained variables carried into a quantized model's (docs/METHOD.md, "QAT
+from FP variables").
 
-    state = qat.from_fp(qmodel, fp_variables, tx, images, jax.random.key(0))
-
-carries every parameter and BN statistic of the FP model over (same module paths: the
-quantized model is the same model), starts each quantizer site fresh (its initial
-state, then calibrated on `images`: activation ranges, LSQ steps from the real weights),
-and a fresh optimiser state.
+`carry` copies every parameter and BN statistic outside the quantizer sites (same module
+paths: the quantized model is the same model) and keeps the sites' own leaves; a pure
+function of two variable trees. `train.from_fp` builds a whole QAT train state with it.
 """
 from __future__ import annotations
 
@@ -55,23 +52,3 @@ def carry(target: Any, source: Any, collection: str) -> Any:
   for k in own:
     out[k] = jnp.asarray(s[k], t[k].dtype)
   return traverse_util.unflatten_dict(out)
-
-
-def from_fp(model: Any, fp_variables: Mapping[str, Any], tx: Any, images: jax.Array,
-            rng: jax.Array, calibrate: bool = True):
-  """A `train.TrainState` for QAT of `model` starting from `fp_variables`.
-
-  model: a `qat.QuantizedModel` (linen or NNX); fp_variables: the FP model's trained
-  {"params", "batch_stats"} (e.g. `state.variables()` of its training); tx: the QAT
-  optimiser; images: (B, H, W, C) a batch to initialise with and calibrate on (its first
-  two images shape the init); rng: a PRNG key. calibrate: set activation ranges and
-  learnable quantizer params from `images` (`train.calibrate`).
-  """
-  from qgnn_jax import train  # pylint: disable=g-import-not-at-top (train imports qat)
-  state = train.create_state(model, tx, images[:2], rng)
-  params = carry(state.params, fp_variables.get("params", {}), "params")
-  batch_stats = carry(state.batch_stats, fp_variables.get("batch_stats", {}), "batch_stats")
-  state = state.replace(params=params, batch_stats=batch_stats)
-  if calibrate and getattr(model, "quantized", False):
-    state = train.calibrate(model, state, images)
-  return state.replace(opt_state=tx.init(state.params))

@@ -100,7 +100,7 @@ def calibrate(model, variables: Mapping[str, Any], batches: Iterable[jax.Array]
               ) -> Dict[str, Any]:
   """Variables with every site calibrated on `batches` (module docstring).
 
-  model: a `qat.QuantizedModel`; variables: its variables (e.g. `qat.from_fp(...)`'s, or
+  model: a `qat.QuantizedModel`; variables: its variables (e.g. `train.from_fp(...)`'s, or
   the FP model's params / batch_stats with fresh site state from `model.init`);
   batches: (B, H, W, C) float arrays (at least one).
   """
