@@ -2,8 +2,8 @@
 
 Variables come from `jax.eval_shape(model.init)` filled on the host, so no RNG
 kernels are compiled (threefry compiles slowly on CPU); one test runs a real
-`init`. The 224-px variants are marked slow: the default run and CI (`.ci/run`, the default
-suite) leave them out; run them with `python -m pytest -q -m slow tests/test_models.py`.
+`init`. The 224-px variants are marked slow: the default run leaves them out; CI (`.ci/run`)
+runs them in its second command, `python -m pytest -q -m slow` (README, "Set-up").
 """
 
 import os
@@ -200,8 +200,8 @@ def test_small_variant_forward_backward(name):
   _check_features(model, feats, x)
 
 
-# The -Ti variants always run (CI included); the S/M/B ones (up to 93M params,
-# minutes each on a 2-core CPU) only with QGNN_TEST_ALL_VARIANTS=1.
+# The -Ti variants run with `-m slow` (CI included); the S/M/B ones (up to 93M params,
+# minutes each on a 2-core CPU) only with QGNN_TEST_ALL_VARIANTS=1 as well.
 _ALL = os.environ.get("QGNN_TEST_ALL_VARIANTS") == "1"
 LARGE_PARAMS = [n if "_ti_" in n or _ALL else pytest.param(
     n, marks=pytest.mark.skip(reason="set QGNN_TEST_ALL_VARIANTS=1")) for n in LARGE]

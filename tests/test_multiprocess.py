@@ -29,7 +29,10 @@ from qgnn_jax import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-TIMEOUT_S = 300  # per launch: a hang fails the test instead of blocking CI
+# Per launch: a hang fails the test instead of blocking CI. Not a speed check: a save of a
+# run with 2 devices per process compiles small cross-process programs per state leaf
+# (train.unreplicate's x[0]); on a loaded 2-core host that took > 300 s at step 4.
+TIMEOUT_S = 600
 RUN_ARGS = [
     "--config", "experiments/configs/quickstart.py", "--config.pretrain_fp_epochs=0",
     "--config.method=fp", "--config.optimizer=sgd", "--config.warmup_epochs=0", "--config.batch_size=64", "--config.log_every=1",

@@ -83,8 +83,8 @@ LOSS_RTOL = 3 * 3 * 64 * 2.0 ** -24
 
 
 # "pq" alone repeats what "pq+aqd+sqd" checks of the student (synced PQ ranges) for another
-# ~50 s of compiling on a 2-core CPU: slow (the default run and CI, `.ci/run`, leave it out;
-# `python -m pytest -q -m slow tests/test_train.py` runs it; it passes with LOSS_RTOL below).
+# ~40 s of compiling on a 2-core CPU: slow (the default run leaves it out; CI, `.ci/run`,
+# runs it in its second command, `python -m pytest -q -m slow`; LOSS_RTOL holds for it too).
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "pq" else m
                                     for m in TWO_DEVICE_CASES])
 def test_two_devices_equal_one_device(method):
