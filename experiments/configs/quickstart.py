@@ -1,4 +1,4 @@
-"""Quick start on scikit-learn's 8x8 digits: FP training, then W4A4 PQ+AQD+SQD QAT.
+"""Quick start on scikit-learn's 8x8 digits: FP training, then W4A4 PQ+SQD QAT.
 
     python -m experiments.run            # same as --config experiments/configs/quickstart.py
 
@@ -14,7 +14,7 @@ def get_config():
   c = base_config()
   c.dataset = "digits"
   c.model = "vig_digits"
-  c.method = "pq+aqd+sqd"
+  c.method = "pq+sqd"           # the term that helped (README, "Does distillation help?")
   c.w_bits = c.a_bits = 4
   c.batch_size = 64
   c.pretrain_fp_epochs = 20.0   # phase 1: FP
