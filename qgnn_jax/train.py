@@ -240,8 +240,17 @@ def replicate(tree: Any, n: Optional[int] = None) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """Takes device 0's copy of every leaf."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """Takes this process's first device's copy of every leaf.
+
+  Across processes a leaf is a global array whose other shards live elsewhere: indexing it
+  would compile a cross-process program per leaf (slow at every checkpoint save), while
+  the local shard already holds the same (replicated) values.
+  """
+  def first(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x.addressable_data(0)[0]
+    return x[0]
+  return jax.tree.map(first, tree)
 
 
 # ----------------------------------------------------------------------------- loss and steps
