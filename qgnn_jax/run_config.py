@@ -92,8 +92,8 @@ def defaults() -> ml_collections.ConfigDict:
   # METHOD.md, "Defaults by evidence"): SQD's stochastic_channels at beta 0.1 is the
   # form and weight that helped with a full-precision stem and head (R1, W2A2, 3 seeds: +0.36
   # pt over pq); AQD's channel_mse at 0.3 helped with them quantized (R3: +0.30). tau, p,
-  # T: the CPU ablation's W2A2 validation winners; the paper's starting point was 1, 1, 1, 0.5, 1 ("Distillation
-  # weights").
+  # T: the CPU ablation's W2A2 validation winners; the paper's starting point was 1, 1, 1,
+  # 0.5, 1 ("Distillation weights").
   c.aqd_alpha = 0.3
   c.aqd_tau = 2.0
   c.sqd_beta = 0.1
