@@ -91,9 +91,11 @@ def evaluate(eval_step, state, batches) -> Dict:
   """
   tot = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
   for batch in batches:
-    out = eval_step(state, batch)
+    # This process's copy (the sums are psum-ed): indexing the global array would run a
+    # cross-process program per value, which can deadlock gloo on a 2-core host.
+    out = jax.device_get(train_lib.unreplicate(eval_step(state, batch)))
     for k in tot:
-      tot[k] += float(out[k][0])
+      tot[k] += float(out[k])
   return {"top1": tot["correct"] / max(tot["count"], 1.0),
           "loss": tot["loss_sum"] / max(tot["count"], 1.0), "count": int(tot["count"])}
 
@@ -376,10 +378,12 @@ def train_loop(run: RunSetup, start: Start, writer: run_log.MetricsWriter,
       rstate, metrics = train_step(rstate, next(batches))
       done = step + 1
       on_event("mid_step", done)
-      last_loss = metrics["loss"][0]
+      # This process's copies (see `train.unreplicate`): no cross-process program per step.
+      metrics = train_lib.unreplicate(metrics)
+      last_loss = metrics["loss"]
       bar.update(1)
       if done % config.log_every == 0 or done == total:
-        m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in m.values()):
           ckpt.check_finite(run.manager, done, None, float("nan"))
         writer.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train", **m})
