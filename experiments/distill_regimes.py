@@ -30,8 +30,8 @@ flags.DEFINE_string("phases", "screen,final,report", "Phases to run, in order.")
 flags.DEFINE_string("regimes", "", "Final phase: only these regimes (default: all, in "
                     "the config's regime_order).")
 
-CSV_FIELDS = ("regime", "method", "aqd_form", "sqd_form", "alpha", "beta", "seed", "w_bits",
-              "a_bits", "split", "top1", "step_s", "run")
+CSV_FIELDS = ("regime", "method", "aqd_form", "sqd_form", "alpha", "beta", "kd_weight", "seed",
+              "w_bits", "a_bits", "split", "top1", "step_s", "run")
 BASELINE = {"aqd_form": "channel_mse", "aqd_alpha": 0.0, "sqd_form": "bypass_kl",
             "sqd_beta": 0.0}
 
@@ -57,12 +57,17 @@ def regime_overrides(cfg, regime: str) -> Dict[str, str]:
 
 
 def make_run(cfg, regime: str, method: str, seed: int, split: str,
-             aqd: Tuple[str, float] = None, sqd: Tuple[str, float] = None) -> Run:
-  """One run; aqd / sqd: (form, weight) for the method's terms (required when it has them)."""
+             aqd: Tuple[str, float] = None, sqd: Tuple[str, float] = None,
+             kd: Optional[float] = None) -> Run:
+  """One run; aqd / sqd: (form, weight) for the method's terms, kd: the classic-KD weight
+  (each required exactly when the method names the term)."""
   parts = method.split("+")
-  if ("aqd" in parts) != (aqd is not None) or ("sqd" in parts) != (sqd is not None):
-    raise ValueError(f"method {method!r} with aqd={aqd}, sqd={sqd}: give a (form, weight) "
-                     f"for exactly the terms the method names")
+  if (("aqd" in parts) != (aqd is not None) or ("sqd" in parts) != (sqd is not None)
+      or ("kd" in parts) != (kd is not None)):
+    raise ValueError(f"method {method!r} with aqd={aqd}, sqd={sqd}, kd={kd}: give a (form, "
+                     f"weight) or weight for exactly the terms the method names")
+  if kd is not None and not cfg.regimes[regime].get("init_from_fp"):
+    raise ValueError(f"regime {regime!r} has no FP checkpoint: +kd needs one as its teacher")
   ov = {"method": method, "w_bits": str(cfg.bits), "a_bits": str(cfg.bits), "seed": str(seed),
         "eval_on": split, **regime_overrides(cfg, regime),
         **{k: format_value(v) for k, v in BASELINE.items()}}
@@ -73,46 +78,63 @@ def make_run(cfg, regime: str, method: str, seed: int, split: str,
   if sqd:
     ov.update(sqd_form=sqd[0], sqd_beta=format_value(sqd[1]))
     tag += f"_{sqd[0]}{format_value(sqd[1])}"
+  if kd is not None:
+    ov["kd_weight"] = format_value(kd)
+    tag += f"_kd{format_value(kd)}"
   name = f"{regime}_{method.replace('+', '_')}{tag}_s{seed}_{split[:4]}"
   return Run(name, tuple(sorted(ov.items())))
 
 
+def kd_weights(cfg) -> List[float]:
+  """cfg.kd_weights '0.3,1' -> [0.3, 1.0] (classic KD's screened weights)."""
+  return [float(w) for w in filter(None, cfg.kd_weights.split(","))]
+
+
 def screen_runs(cfg) -> List[Run]:
-  """pq, each AQD point (pq+aqd) and each SQD point (pq+sqd): screen regime, seed 0, validation."""
+  """pq, each AQD point (pq+aqd), each SQD point (pq+sqd) and each classic-KD weight (pq+kd):
+  screen regime, seed 0, validation."""
   r = cfg.screen_regime
   return ([make_run(cfg, r, "pq", 0, "validation")] +
           [make_run(cfg, r, "pq+aqd", 0, "validation", aqd=p) for p in parse_points(cfg.aqd_points)] +
-          [make_run(cfg, r, "pq+sqd", 0, "validation", sqd=p) for p in parse_points(cfg.sqd_points)])
+          [make_run(cfg, r, "pq+sqd", 0, "validation", sqd=p) for p in parse_points(cfg.sqd_points)] +
+          [make_run(cfg, r, "pq+kd", 0, "validation", kd=w) for w in kd_weights(cfg)])
 
 
 def pick(cfg, results: Sequence[Optional[dict]]) -> Dict[str, Tuple[str, float]]:
-  """The best (form, weight) of each term by validation top-1 (ties: the first listed)."""
+  """The best (form, weight) of each term by validation top-1 (ties: the first listed);
+  "kd": ("kl", weight) for classic KD."""
   runs = screen_runs(cfg)
   best: Dict[str, Tuple[float, Tuple[str, float]]] = {}
   for run, res in zip(runs, results):
     if res is None:
       continue
     ov = dict(run.overrides)
-    for term, weight_field in (("aqd", "aqd_alpha"), ("sqd", "sqd_beta")):
+    for term, weight_field in (("aqd", "aqd_alpha"), ("sqd", "sqd_beta"), ("kd", "kd_weight")):
       if term in ov["method"].split("+"):
-        point = (ov[f"{term}_form"], float(ov[weight_field]))
+        point = (ov.get(f"{term}_form", "kl"), float(ov[weight_field]))
         if term not in best or res["top1"] > best[term][0]:
           best[term] = (res["top1"], point)
   return {t: p for t, (_, p) in best.items()}
 
 
 def final_runs(cfg, winners: Dict[str, Tuple[str, float]], regimes: Sequence[str]) -> List[Run]:
-  """Every regime x method x seed on the test set (seed-major within a regime)."""
+  """Every regime x method x seed on the test set (seed-major within a regime); pq+kd (the
+  baseline AQD / SQD claim to replace) after them in the regimes of cfg.kd_regimes."""
   if missing := [t for t in ("aqd", "sqd") if t not in winners]:
     raise ValueError(f"no screen result for {missing}: run the screen phase first")
+  kd_regimes = set(filter(None, cfg.kd_regimes.split(",")))
+  if kd_regimes and "kd" not in winners:
+    raise ValueError("no screen result for ['kd']: run the screen phase first")
   runs = []
   for regime in regimes:
+    methods = cfg.methods.split(",") + (["pq+kd"] if regime in kd_regimes else [])
     for seed in range(int(cfg.seeds)):
-      for method in cfg.methods.split(","):
+      for method in methods:
         parts = method.split("+")
         runs.append(make_run(cfg, regime, method, seed, "test",
                              aqd=winners["aqd"] if "aqd" in parts else None,
-                             sqd=winners["sqd"] if "sqd" in parts else None))
+                             sqd=winners["sqd"] if "sqd" in parts else None,
+                             kd=winners["kd"][1] if "kd" in parts else None))
   return runs
 
 
@@ -125,6 +147,7 @@ def csv_row(run: Run, res: dict) -> dict:
           "sqd_form": ov["sqd_form"] if "sqd" in parts else "",
           "alpha": ov["aqd_alpha"] if "aqd" in parts else "",
           "beta": ov["sqd_beta"] if "sqd" in parts else "",
+          "kd_weight": ov["kd_weight"] if "kd" in parts else "",
           "seed": ov["seed"], "w_bits": ov["w_bits"], "a_bits": ov["a_bits"],
           "split": ov["eval_on"], "top1": f"{100 * res['top1']:.2f}",
           "step_s": f"{float(res.get('train_seconds', 0.0)) / steps:.3f}", "run": run.name}
@@ -185,11 +208,12 @@ def plot(rows: Sequence[dict], path: str) -> None:
     if r["split"] == "test":
       cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
   regimes = sorted({k[0] for k in cells})
-  methods = ["pq", "pq+aqd", "pq+sqd", "pq+aqd+sqd"]
-  fig, ax = plt.subplots(figsize=(7, 3.8))
-  width = 0.2
+  methods = ["pq", "pq+aqd", "pq+sqd", "pq+aqd+sqd", "pq+kd"]
+  methods = [m for m in methods if any(k[1] == m for k in cells)]
+  fig, ax = plt.subplots(figsize=(7.5, 3.8))
+  width = 0.8 / len(methods)
   for i, m in enumerate(methods):
-    xs = [j + (i - 1.5) * width for j in range(len(regimes))]
+    xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(regimes))]
     vals = [cells.get((r, m), []) for r in regimes]
     means = [statistics.mean(v) if v else float("nan") for v in vals]
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
@@ -202,7 +226,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
   hi = max((max(v) for v in cells.values()), default=100)
   ax.set_ylim(lo - 1, hi + 0.5)
   ax.set_title("Fashion-MNIST W2A2, vig_tiny_28: does distillation help? (mean, std, seeds)")
-  ax.legend(fontsize=8, ncol=4, loc="lower center")
+  ax.legend(fontsize=8, ncol=len(methods), loc="lower center")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -226,9 +250,15 @@ def main(argv):
   print("screen winners:", winners, flush=True)
   with open(os.path.join(out, "distill_regimes_winners.json"), "w") as f:
     json.dump({t: {"form": p[0], "weight": p[1]} for t, p in winners.items()}, f, indent=2)
-  regimes = (flags.FLAGS.regimes or cfg.regime_order).split(",")
-  final = final_runs(cfg, winners, regimes) if len(winners) == 2 else []
-  final_res = execute(final, cfg, workdir, parallel, "final" in phases)
+  # Runs only the regimes asked for, but reports every regime's finished runs.
+  chosen = (flags.FLAGS.regimes or cfg.regime_order).split(",")
+  regimes = list(dict.fromkeys(cfg.regime_order.split(",") + chosen))
+  final = final_runs(cfg, winners, regimes) if {"aqd", "sqd"} <= set(winners) else []
+  run_now = [r for r in final if r.name.split("_", 1)[0] in chosen]
+  others = [r for r in final if r.name.split("_", 1)[0] not in chosen]
+  final = run_now + others
+  final_res = (execute(run_now, cfg, workdir, parallel, "final" in phases)
+               + execute(others, cfg, workdir, parallel, False))
   rows = [csv_row(r, res) for r, res in zip(screen + final, screen_res + final_res) if res]
   sweep_report.write_csv(os.path.join(out, "distill_regimes.csv"), rows, CSV_FIELDS)
   if any(r["split"] == "test" for r in rows):

@@ -39,13 +39,26 @@ def test_regimes_differ_only_where_they_should(cfg):
 def test_winners_and_finals(cfg):
   runs = D.screen_runs(cfg)
   top1 = {r.name: 0.8 for r in runs}
+  n_aqd, n_sqd = len(D.parse_points(cfg.aqd_points)), len(D.parse_points(cfg.sqd_points))
   top1[runs[2].name] = 0.9   # the second AQD point
-  top1[runs[-1].name] = 0.85  # the last SQD point
+  top1[runs[n_aqd + n_sqd].name] = 0.85  # the last SQD point
+  top1[runs[-1].name] = 0.83  # the last KD weight
   winners = D.pick(cfg, [{"top1": top1[r.name]} for r in runs])
   assert winners == {"aqd": D.parse_points(cfg.aqd_points)[1],
-                     "sqd": D.parse_points(cfg.sqd_points)[-1]}
+                     "sqd": D.parse_points(cfg.sqd_points)[-1],
+                     "kd": ("kl", D.kd_weights(cfg)[-1])}
+  assert [dict(r.overrides)["method"] for r in runs].count("pq+kd") == len(D.kd_weights(cfg))
+  # pq+kd only where a regime starts from the FP checkpoint (its teacher) and is asked for.
+  assert cfg.kd_regimes == "R1,R3"
   final = D.final_runs(cfg, winners, ["R1", "R4"])
-  assert len(final) == 2 * cfg.seeds * 4
+  assert len(final) == cfg.seeds * 5 + cfg.seeds * 4
+  kd = [dict(r.overrides) for r in final if dict(r.overrides)["method"] == "pq+kd"]
+  assert len(kd) == cfg.seeds and {o["kd_weight"] for o in kd} == {"1.0"}
+  assert all(r.name.startswith("R1_") for r in final if "kd" in r.name)
+  with pytest.raises(ValueError, match="no FP checkpoint"):
+    D.make_run(cfg, "R4", "pq+kd", 0, "test", kd=1.0)
+  with pytest.raises(ValueError, match="exactly the terms"):
+    D.make_run(cfg, "R1", "pq+kd", 0, "test")
   both = [dict(r.overrides) for r in final if dict(r.overrides)["method"] == "pq+aqd+sqd"]
   assert all(o["aqd_form"] == winners["aqd"][0] and o["sqd_form"] == winners["sqd"][0]
              for o in both)

@@ -53,7 +53,15 @@ def get_config():
   # distributions), whose gaps are small at W2A2, hence 10; speq's cosine loss has no
   # T^2 factor (KL at T = 2 has), hence 1. The logged term sizes are in the screen runs'
   # metrics.jsonl (README, "Does distillation help?").
-  c.aqd_points = "channel_mse:0.3,attention_transfer:10,channel_attention:10"
+  # attention_transfer at 2 too: at 10 its term was ~5x the others' (0.68 vs ~0.13) and cost
+  # 3.5 points; 2 puts it near them.
+  c.aqd_points = ("channel_mse:0.3,attention_transfer:10,channel_attention:10,"
+                  "attention_transfer:2")
   c.sqd_points = "bypass_kl:0.1,speq:1,stochastic_channels:0.1"
   c.methods = "pq,pq+aqd,pq+sqd,pq+aqd+sqd"
+  # Classic KD from the frozen FP checkpoint (what AQD / SQD claim to replace): its weights
+  # screened like the terms' (KL at sqd_temperature, T^2-scaled), then pq+kd in these
+  # regimes (those that start from the FP checkpoint; the short ones, for the CPU budget).
+  c.kd_weights = "0.3,1"
+  c.kd_regimes = "R1,R3"
   return c
