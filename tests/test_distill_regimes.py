@@ -91,7 +91,14 @@ def test_verdict_rule_and_report_files(cfg, tmp_path):
   assert back[1]["aqd_form"] == "attention_transfer" and back[1]["step_s"] == "0.500"
   assert tuple(back[0]) == D.CSV_FIELDS
   table = D.summary_markdown(rows)
-  assert "| R1 | pq+aqd | 81.10 ± 0.10 | 3 | +1.00 | yes |" in table
-  assert "| R1 | pq+sqd | 80.20 ± 0.10 | 3 | +0.10 | no |" in table
+  assert "| R1 | pq+aqd | 81.10 ± 0.10 | 3 | +1.00 | yes | – |" in table
+  assert "| R1 | pq+sqd | 80.20 ± 0.10 | 3 | +0.10 | no | – |" in table
+  # With pq+kd in the regime, each distillation method is also set against it (same rule).
+  kd_rows = [dict(r, method="pq+kd", top1=f"{float(r['top1']) + 0.5:.2f}")
+             for r in rows if r["method"] == "pq"]
+  table = D.summary_markdown(rows + kd_rows)
+  assert "| R1 | pq+aqd | 81.10 ± 0.10 | 3 | +1.00 | yes | +0.50 (better) |" in table
+  assert "| R1 | pq+sqd | 80.20 ± 0.10 | 3 | +0.10 | no | -0.40 (not better) |" in table
+  assert "| R1 | pq+kd | 80.60 ± 0.10 | 3 | +0.50 | yes | – |" in table
   D.plot(rows, str(tmp_path / "r.png"))
   assert (tmp_path / "r.png").stat().st_size > 1000
