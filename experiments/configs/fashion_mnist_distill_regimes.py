@@ -61,7 +61,7 @@ def get_config():
   c.methods = "pq,pq+aqd,pq+sqd,pq+aqd+sqd"
   # Classic KD from the frozen FP checkpoint (what AQD / SQD claim to replace): its weights
   # screened like the terms' (KL at sqd_temperature, T^2-scaled), then pq+kd in these
-  # regimes (those that start from the FP checkpoint; the short ones, for the CPU budget).
+  # regimes (every one that starts from the FP checkpoint, its teacher).
   c.kd_weights = "0.3,1"
-  c.kd_regimes = "R1,R3"
+  c.kd_regimes = "R1,R3,R2"
   return c
