@@ -85,6 +85,11 @@ def make_run(cfg, regime: str, method: str, seed: int, split: str,
   return Run(name, tuple(sorted(ov.items())))
 
 
+def regime_of(run: Run) -> str:
+  """'R2_pq_aqd_..._s0_test' -> 'R2'."""
+  return run.name.split("_", 1)[0]
+
+
 def kd_weights(cfg) -> List[float]:
   """cfg.kd_weights '0.3,1' -> [0.3, 1.0] (classic KD's screened weights)."""
   return [float(w) for w in filter(None, cfg.kd_weights.split(","))]
@@ -142,7 +147,7 @@ def csv_row(run: Run, res: dict) -> dict:
   ov = dict(run.overrides)
   parts = ov["method"].split("+")
   steps = max(int(res.get("train_steps", 0)), 1)
-  return {"regime": run.name.split("_", 1)[0], "method": ov["method"],
+  return {"regime": regime_of(run), "method": ov["method"],
           "aqd_form": ov["aqd_form"] if "aqd" in parts else "",
           "sqd_form": ov["sqd_form"] if "sqd" in parts else "",
           "alpha": ov["aqd_alpha"] if "aqd" in parts else "",
@@ -271,8 +276,8 @@ def main(argv):
   chosen = (flags.FLAGS.regimes or cfg.regime_order).split(",")
   regimes = list(dict.fromkeys(cfg.regime_order.split(",") + chosen))
   final = final_runs(cfg, winners, regimes) if {"aqd", "sqd"} <= set(winners) else []
-  run_now = [r for r in final if r.name.split("_", 1)[0] in chosen]
-  others = [r for r in final if r.name.split("_", 1)[0] not in chosen]
+  run_now = [r for r in final if regime_of(r) in chosen]
+  others = [r for r in final if regime_of(r) not in chosen]
   final = run_now + others
   final_res = (execute(run_now, cfg, workdir, parallel, "final" in phases)
                + execute(others, cfg, workdir, parallel, False))
