@@ -158,13 +158,19 @@ def csv_row(run: Run, res: dict) -> dict:
           "step_s": f"{float(res.get('train_seconds', 0.0)) / steps:.3f}", "run": run.name}
 
 
-def verdicts(rows: Sequence[dict]) -> List[dict]:
-  """Per regime and distillation method on the test set: mean gain over pq and whether it
-  helps (issue 21's rule: mean gain >= +0.3 pt, larger than both cells' std, >= 3 seeds)."""
+def cells_of(rows: Sequence[dict]) -> Dict[Tuple[str, str], List[float]]:
+  """{(regime, method): [test top-1 % of each seed]} from `csv_row` rows."""
   cells: Dict[Tuple[str, str], List[float]] = {}
   for r in rows:
     if r["split"] == "test":
       cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  return cells
+
+
+def verdicts(rows: Sequence[dict]) -> List[dict]:
+  """Per regime and distillation method on the test set: mean gain over pq and whether it
+  helps (issue 21's rule: mean gain >= +0.3 pt, larger than both cells' std, >= 3 seeds)."""
+  cells = cells_of(rows)
   out = []
   for (regime, method), xs in sorted(cells.items()):
     base = cells.get((regime, "pq"))
@@ -194,10 +200,7 @@ def verdict_word(v: dict) -> str:
 def summary_markdown(rows: Sequence[dict]) -> str:
   """The test-set table: per regime and method, top-1 mean +- std (seeds), the gain over
   pq and the verdict by issue 21's rule."""
-  cells: Dict[Tuple[str, str], List[float]] = {}
-  for r in rows:
-    if r["split"] == "test":
-      cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  cells = cells_of(rows)
   verdict = {(v["regime"], v["method"]): v for v in verdicts(rows)}
   lines = ["| regime | method | test top-1 (%) | seeds | gain over pq | helps? | vs pq+kd |",
            "|---|---|---|---|---|---|---|"]
@@ -222,10 +225,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  cells: Dict[Tuple[str, str], List[float]] = {}
-  for r in rows:
-    if r["split"] == "test":
-      cells.setdefault((r["regime"], r["method"]), []).append(float(r["top1"]))
+  cells = cells_of(rows)
   regimes = sorted({k[0] for k in cells if (k[0], "pq") in cells})
   methods = [m for m in ("pq+aqd", "pq+sqd", "pq+aqd+sqd", "pq+kd")
              if any((r, m) in cells for r in regimes)]
