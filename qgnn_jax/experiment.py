@@ -378,12 +378,12 @@ def train_loop(run: RunSetup, start: Start, writer: run_log.MetricsWriter,
       rstate, metrics = train_step(rstate, next(batches))
       done = step + 1
       on_event("mid_step", done)
-      # This process's copies (see `train.unreplicate`): no cross-process program per step;
-      # the other metrics are sliced only at the steps that log them.
-      last_loss = train_lib.unreplicate(metrics["loss"])
+      # This process's copies (see `train.unreplicate`): no cross-process program per step.
+      metrics = train_lib.unreplicate(metrics)
+      last_loss = metrics["loss"]
       bar.update(1)
       if done % config.log_every == 0 or done == total:
-        m = {k: float(v) for k, v in jax.device_get(train_lib.unreplicate(metrics)).items()}
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in m.values()):
           ckpt.check_finite(run.manager, done, None, float("nan"))
         writer.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train", **m})
