@@ -91,8 +91,7 @@ def evaluate(eval_step, state, batches) -> Dict:
   """
   tot = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
   for batch in batches:
-    # This process's copy (the sums are psum-ed): indexing the global array would run a
-    # cross-process program per value, which can deadlock gloo on a 2-core host.
+    # Device 0's copy (the sums are psum-ed; see `train.unreplicate`).
     out = jax.device_get(train_lib.unreplicate(eval_step(state, batch)))
     for k in tot:
       tot[k] += float(out[k])
@@ -378,12 +377,12 @@ def train_loop(run: RunSetup, start: Start, writer: run_log.MetricsWriter,
       rstate, metrics = train_step(rstate, next(batches))
       done = step + 1
       on_event("mid_step", done)
-      # This process's copies (see `train.unreplicate`): no cross-process program per step.
-      metrics = train_lib.unreplicate(metrics)
-      last_loss = metrics["loss"]
+      # From device 0's shard (`train.unreplicate`): the loss every step, the other
+      # metrics only at the steps that log them.
+      last_loss = train_lib.unreplicate(metrics["loss"])
       bar.update(1)
       if done % config.log_every == 0 or done == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m = {k: float(v) for k, v in jax.device_get(train_lib.unreplicate(metrics)).items()}
         if not all(math.isfinite(v) for v in m.values()):
           ckpt.check_finite(run.manager, done, None, float("nan"))
         writer.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train", **m})

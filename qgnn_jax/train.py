@@ -240,15 +240,21 @@ def replicate(tree: Any, n: Optional[int] = None) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """Takes this process's first device's copy of every leaf.
+  """Takes this process's first device's copy of every leaf: ``(D, ...) -> (...)``, the same
+  values as ``x[0]``, from the shard on that device alone.
 
-  Across processes a leaf is a global array whose other shards live elsewhere: indexing it
-  would compile a cross-process program per leaf (slow at every checkpoint save), while
-  the local shard already holds the same (replicated) values.
+  ``x[0]`` of an array sharded over D devices is a D-device XLA program that moves the
+  slice with a collective; across processes it is a cross-process program. At a checkpoint
+  save that is one such program per leaf, hundreds dispatched asynchronously: on CPU with
+  gloo, 2 processes x 2 devices deadlocked in 6 of 29 launches (a device's part of one
+  program waiting in an all-reduce for the other device's part, queued behind the next
+  programs; tests/test_multiprocess.py). Slicing the local shard is a one-device program.
   """
   def first(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x.addressable_data(0)[0]
+    if isinstance(x, jax.Array):
+      shard = x.addressable_data(0)
+      if shard.shape[1:] == x.shape[1:]:  # the whole first row lives on that device
+        return shard[0]
     return x[0]
   return jax.tree.map(first, tree)
 

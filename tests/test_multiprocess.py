@@ -29,9 +29,9 @@ from qgnn_jax import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-# Per launch: a hang fails the test instead of blocking CI. Not a speed check: a save of a
-# run with 2 devices per process compiles small cross-process programs per state leaf
-# (train.unreplicate's x[0]); on a loaded 2-core host that took > 300 s at step 4.
+# Per launch: a hang fails the test instead of blocking CI (a launch takes ~40 s here). Not
+# a speed check. The hang this guards against (6 of 29 launches of the 2 x 2 test before
+# the fix): per-leaf multi-device programs at a save deadlocking gloo (`train.unreplicate`).
 TIMEOUT_S = 600
 RUN_ARGS = [
     "--config", "experiments/configs/quickstart.py", "--config.pretrain_fp_epochs=0",

@@ -204,3 +204,17 @@ def test_eval_step_masks_padding():
   batch["mask"] = jnp.array([1.0, 1.0, 0.0, 0.0])
   out = T.unreplicate(ev(T.replicate(state, 1), T.shard_batch(batch, 1)))
   assert float(out["count"]) == 2.0 and 0.0 <= float(out["correct"]) <= 2.0
+
+
+def test_unreplicate_reads_the_first_device_alone():
+  """unreplicate gives x[0]'s values from device 0's shard: each leaf becomes a one-device
+  array, so no multi-device program (with its collective) runs per leaf at a save."""
+  x = T.replicate({"w": np.arange(6.0).reshape(2, 3), "n": np.int32(7)}, 2)
+  assert len(x["w"].sharding.device_set) == 2
+  y = T.unreplicate(x)
+  for k in x:
+    np.testing.assert_array_equal(y[k], np.asarray(x[k])[0])
+    assert y[k].sharding.device_set == {jax.local_devices()[0]}
+  # numpy leaves and arrays on one device: the first row, as before.
+  np.testing.assert_array_equal(T.unreplicate(np.ones((2, 3)) * [[1], [2]]), [1, 1, 1])
+  np.testing.assert_array_equal(T.unreplicate(jnp.arange(4).reshape(2, 2)), [0, 1])
