@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -362,3 +364,43 @@ def test_teacher_passes_add_no_backward(aqd_form, sqd_form):
   assert student > 2 * forward  # forward + the backward's products
   assert grad_dots(_loss_cfg(aqd_form, sqd_form)) == student + 2 * forward
   assert grad_dots(T.LossConfig("quant", kd_weight=1.0)) == student + forward
+
+
+class _StemTokens(nn.Module):
+  """The ViG's full-precision stem (convs + the custom-VJP BatchNorm / GELU), then _Tokens'
+  quantized blocks and head: (B, 8, 8, 1) -> (B, CLASSES)."""
+  axis_name: str = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    from qgnn_jax.models.blocks import Stem  # pylint: disable=g-import-not-at-top
+    x = Stem((4, 8, 8), (1, 1, 1), self.axis_name, name="stem")(x, train=train)
+    return _Tokens(self.axis_name, name="tokens")(x.reshape(x.shape[0], 64, 8)[:, :8], train)
+
+
+def test_teachers_reuse_the_students_full_precision_stem():
+  """Before the first quantized site the teachers compute what the student computes (same
+  variables, same batch statistics): XLA's common-subexpression elimination merges those
+  layers, so AQD + SQD add no stem convolution to the compiled step (docs/METHOD.md,
+  "Distillation forms"). The control compiles the same step with CSE off: the teachers'
+  stems are then there, so the count can tell."""
+  rules = (qat.QuantRule(r"tokens/.*", w_quantizer="pq", a_quantizer="pq", w_bits=2,
+                         a_bits=2),)
+  model = qat.quantize_model(_StemTokens(axis_name=T.AXIS), rules)
+  init_model = qat.quantize_model(_StemTokens(), rules)
+  tx = T.make_optimizer("sgd", 1e-3, total_steps=1000)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 1)), jnp.float32)
+  state = T.create_state(init_model, tx, images, jax.random.key(0))
+  state = T.calibrate(init_model, state, images)
+  batch = T.shard_batch({"image": images, "label": jnp.zeros(8, jnp.int32)}, 1)
+
+  def convolutions(cfg, options=None):
+    step = T.make_train_step(model, tx, cfg, CLASSES)
+    lowered = getattr(step, "func", step).lower(T.replicate(state, 1), batch)
+    return lowered.compile(options).as_text().count("convolution(")
+  both = _loss_cfg("channel_mse", "stochastic_channels", p=0.25)
+  both = dataclasses.replace(both, feature_taps=r"tokens/block\d")
+  student = convolutions(_loss_cfg(alpha=0.0, beta=0.0))
+  assert student > 0
+  assert convolutions(both) == student
+  assert convolutions(both, {"xla_disable_hlo_passes": "cse"}) >= student + 2 * 3
