@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +167,7 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from qgnn_jax import qat  # pylint: disable=g-import-not-at-top,wrong-import-position
 from qgnn_jax import train as T  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qgnn_jax.models.blocks import Stem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TAPS = r"block\d"
 CLASSES = 4
@@ -196,10 +195,11 @@ class _Tokens(nn.Module):
     return nn.Dense(CLASSES, name="head")(x.mean(1))
 
 
-def _tiny_setup(bits=2):
-  rules = (qat.QuantRule(".*", w_quantizer="pq", a_quantizer="pq", w_bits=bits, a_bits=bits),)
-  model = qat.quantize_model(_Tokens(axis_name=T.AXIS), rules)
-  init_model = qat.quantize_model(_Tokens(), rules)
+def _tiny_setup(bits=2, module=_Tokens, sites=".*"):
+  """(model, tx, state, batch) of `module` with PQ at the modules matching `sites`."""
+  rules = (qat.QuantRule(sites, w_quantizer="pq", a_quantizer="pq", w_bits=bits, a_bits=bits),)
+  model = qat.quantize_model(module(axis_name=T.AXIS), rules)
+  init_model = qat.quantize_model(module(), rules)
   tx = T.make_optimizer("sgd", 1e-3, total_steps=1000)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32)
@@ -209,8 +209,9 @@ def _tiny_setup(bits=2):
   return model, tx, state, batch
 
 
-def _loss_cfg(aqd_form="channel_mse", sqd_form="bypass_kl", alpha=1.0, beta=1.0, p=0.25):
-  return T.LossConfig("quant", alpha=alpha, beta=beta, bypass_prob=p, feature_taps=TAPS,
+def _loss_cfg(aqd_form="channel_mse", sqd_form="bypass_kl", alpha=1.0, beta=1.0, p=0.25,
+              taps=TAPS):
+  return T.LossConfig("quant", alpha=alpha, beta=beta, bypass_prob=p, feature_taps=taps,
                       aqd_form=aqd_form, sqd_form=sqd_form, sqd_act_bits=(4, 8, None))
 
 
@@ -366,6 +367,7 @@ def test_teacher_passes_add_no_backward(aqd_form, sqd_form):
   assert grad_dots(T.LossConfig("quant", kd_weight=1.0)) == student + forward
 
 
+
 class _StemTokens(nn.Module):
   """The ViG's full-precision stem (convs + the custom-VJP BatchNorm / GELU), then _Tokens'
   quantized blocks and head: (B, 8, 8, 1) -> (B, CLASSES)."""
@@ -373,34 +375,26 @@ class _StemTokens(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
-    from qgnn_jax.models.blocks import Stem  # pylint: disable=g-import-not-at-top
-    x = Stem((4, 8, 8), (1, 1, 1), self.axis_name, name="stem")(x, train=train)
-    return _Tokens(self.axis_name, name="tokens")(x.reshape(x.shape[0], 64, 8)[:, :8], train)
+    x = Stem((4, 8, 1), (1, 1, 1), self.axis_name, name="stem")(x, train=train)
+    return _Tokens(self.axis_name, name="tokens")(x, train)
 
 
 def test_teachers_reuse_the_students_full_precision_stem():
   """Before the first quantized site the teachers compute what the student computes (same
   variables, same batch statistics): XLA's common-subexpression elimination merges those
   layers, so AQD + SQD add no stem convolution to the compiled step (docs/METHOD.md,
-  "Distillation forms"). The control compiles the same step with CSE off: the teachers'
-  stems are then there, so the count can tell."""
-  rules = (qat.QuantRule(r"tokens/.*", w_quantizer="pq", a_quantizer="pq", w_bits=2,
-                         a_bits=2),)
-  model = qat.quantize_model(_StemTokens(axis_name=T.AXIS), rules)
-  init_model = qat.quantize_model(_StemTokens(), rules)
-  tx = T.make_optimizer("sgd", 1e-3, total_steps=1000)
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 1)), jnp.float32)
-  state = T.create_state(init_model, tx, images, jax.random.key(0))
-  state = T.calibrate(init_model, state, images)
-  batch = T.shard_batch({"image": images, "label": jnp.zeros(8, jnp.int32)}, 1)
+  "What a teacher pass costs"). The control compiles the same step with CSE off: the
+  teachers' stems are then there, so the count can tell."""
+  model, tx, state, batch = _tiny_setup(module=_StemTokens, sites=r"tokens/.*")
+  batch = T.shard_batch(batch, 1)
 
   def convolutions(cfg, options=None):
     step = T.make_train_step(model, tx, cfg, CLASSES)
     lowered = getattr(step, "func", step).lower(T.replicate(state, 1), batch)
     return lowered.compile(options).as_text().count("convolution(")
-  both = _loss_cfg("channel_mse", "stochastic_channels", p=0.25)
-  both = dataclasses.replace(both, feature_taps=r"tokens/block\d")
+  both = _loss_cfg("channel_mse", "stochastic_channels", taps=r"tokens/block\d")
   student = convolutions(_loss_cfg(alpha=0.0, beta=0.0))
   assert student > 0
   assert convolutions(both) == student
+  # Each teacher's stem holds 3 convolutions when nothing merges it.
   assert convolutions(both, {"xla_disable_hlo_passes": "cse"}) >= student + 2 * 3
