@@ -367,7 +367,6 @@ def test_teacher_passes_add_no_backward(aqd_form, sqd_form):
   assert grad_dots(T.LossConfig("quant", kd_weight=1.0)) == student + forward
 
 
-
 class _StemTokens(nn.Module):
   """The ViG's full-precision stem (convs + the custom-VJP BatchNorm / GELU), then _Tokens'
   quantized blocks and head: (B, 8, 8, 1) -> (B, CLASSES)."""
